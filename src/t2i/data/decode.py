@@ -1,0 +1,135 @@
+"""Turn a raw sample (bytes per field) into training tensors, or say precisely why not.
+
+Images: jpg/png/webp in any mode (grayscale, palette, RGBA, 16-bit) become RGB uint8 CHW tensors,
+resized on the shorter side and cropped square. Captions come from ``.txt`` or a json field. Derived
+array keys (``latent.npy``, ``clip_img.npy``...) pass through as tensors. Every failure raises
+`BadSample` with a reason; the stream skips and counts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    resolution: int = 64  # output side; 0 keeps no image (e.g. latent-only training)
+    crop: str = "center"  # center | random
+    image_fields: tuple[str, ...] = IMAGE_FIELDS
+    caption_field: str = "txt"  # "txt", or "json:<key>" for a field of the sample's json
+    caption_required: bool = True
+    array_fields: tuple[str, ...] = ()  # derived keys that must be present, e.g. ("latent.npy",)
+    array_shapes: tuple[tuple[int, ...] | None, ...] = ()  # expected shape per array field (or None)
+    max_pixels: int = 64_000_000  # larger images are skipped (decompression bombs)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+    if not data:
+        raise BadSample("empty image file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > cfg.max_pixels:
+            raise BadSample(f"image of {w}x{h} exceeds max_pixels={cfg.max_pixels}")
+        side = cfg.resolution
+        if img.format == "JPEG":  # decode at a reduced scale when the image is much larger
+            img.draft("RGB", (max(side, w * side // min(w, h)), max(side, h * side // min(w, h))))
+        img.load()
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises many types for bad bytes  # noqa: BLE001
+        raise BadSample(f"undecodable image ({type(e).__name__}: {e})") from None
+    img = _to_rgb(img)
+    w, h = img.size
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    if cfg.crop == "random" and crop_rng is not None:
+        left, top = int(crop_rng.integers(0, nw - side + 1)), int(crop_rng.integers(0, nh - side + 1))
+    else:
+        left, top = (nw - side) // 2, (nh - side) // 2
+    if (nw, nh) != (side, side):
+        img = img.crop((left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_caption(fields: dict[str, bytes], cfg: DecodeConfig) -> str:
+    if cfg.caption_field.startswith("json:"):
+        name = cfg.caption_field[5:]
+        raw = fields.get("json")
+        if raw is None:
+            text = None
+        else:
+            try:
+                text = json.loads(raw.decode("utf-8")).get(name)
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                raise BadSample(f"unreadable json ({e})") from None
+            if text is not None and not isinstance(text, str):
+                raise BadSample(f"json field {name!r} is not a string")
+    else:
+        raw = fields.get(cfg.caption_field)
+        if raw is None:
+            text = None
+        else:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadSample("caption is not valid UTF-8") from None
+    text = (text or "").strip()
+    if not text and cfg.caption_required:
+        raise BadSample("missing or empty caption")
+    return text
+
+
+def decode_array(data: bytes, name: str, expected: tuple[int, ...] | None) -> torch.Tensor:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise BadSample(f"unreadable array {name} ({type(e).__name__}: {e})") from None
+    if expected is not None and tuple(arr.shape) != tuple(expected):
+        raise BadSample(f"array {name} has shape {tuple(arr.shape)}, expected {tuple(expected)}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def decode_sample(fields: dict[str, bytes], cfg: DecodeConfig,
+                  crop_rng: np.random.Generator | None = None) -> dict:
+    out: dict = {}
+    if cfg.resolution > 0:
+        name = next((f for f in cfg.image_fields if f in fields), None)
+        if name is None:
+            raise BadSample(f"no image field (looked for {', '.join(cfg.image_fields)})")
+        out["image"] = decode_image(fields[name], cfg, crop_rng)
+    out["caption"] = decode_caption(fields, cfg)
+    shapes = cfg.array_shapes or (None,) * len(cfg.array_fields)
+    for name, shape in zip(cfg.array_fields, shapes):
+        if name not in fields:
+            raise BadSample(f"missing derived key {name}")
+        out[name.removesuffix(".npy")] = decode_array(fields[name], name, shape)
+    return out

@@ -1,0 +1,134 @@
+"""The shard manifest: which tar shards make a split and how many samples each holds.
+
+`manifest.json` sits beside the shards::
+
+    {"format": "t2i-shards/1", "total": 50000,
+     "shards": [{"url": "shard-000000.tar", "num_samples": 5000}, ...]}
+
+Relative urls are resolved against the manifest's folder. A url may also be an absolute path or a
+``pipe:`` command (WebDataset's convention, e.g. ``pipe:aws s3 cp s3://b/x.tar -``).
+Sample counts are what make an exact, evenly split stream possible without reading the data first.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "t2i-shards/1"
+
+
+class DataError(RuntimeError):
+    """A data problem that must stop a run before (or while) it trains: names the file."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    num_samples: int
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.url.startswith("pipe:")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shards: tuple[ShardInfo, ...]
+    source: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def check_files_exist(self) -> None:
+        missing = [s.url for s in self.shards if not s.is_pipe and not Path(s.url).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise DataError(f"{len(missing)} shard(s) listed in {self.source} do not exist: "
+                            f"{', '.join(missing[:5])}{more}")
+
+
+def _resolve(url: str, root: Path) -> str:
+    if url.startswith("pipe:") or "://" in url or Path(url).is_absolute():
+        return url
+    return str(root / url)
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Read a manifest (the json file or the folder holding it); raise DataError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (write one with data_prep/make_manifest.py)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"manifest {path} is not valid JSON: {e}") from e
+    if raw.get("format") != FORMAT:
+        raise DataError(f"manifest {path} has format {raw.get('format')!r}, expected {FORMAT!r}")
+    entries = raw.get("shards") or []
+    if not entries:
+        raise DataError(f"manifest {path} lists no shards")
+    shards = []
+    for e in entries:
+        n = int(e["num_samples"])
+        if n < 0:
+            raise DataError(f"manifest {path}: negative num_samples for {e['url']}")
+        shards.append(ShardInfo(_resolve(e["url"], path.parent), n))
+    manifest = Manifest(tuple(shards), source=str(path))
+    if manifest.total == 0:
+        raise DataError(f"manifest {path} lists {len(shards)} shard(s) holding no samples")
+    if check_files:
+        manifest.check_files_exist()
+    return manifest
+
+
+def write_manifest(folder: str | Path, shards: list[ShardInfo], **meta) -> Path:
+    """Write `manifest.json` into `folder`; urls inside `folder` are stored relative to it."""
+    folder = Path(folder)
+    entries = []
+    for s in shards:
+        url = s.url
+        if not s.is_pipe:
+            try:
+                url = str(Path(url).resolve().relative_to(folder.resolve()))
+            except ValueError:
+                url = str(Path(url).resolve())
+        entries.append({"url": url, "num_samples": s.num_samples})
+    body = {"format": FORMAT, "total": sum(s.num_samples for s in shards), "shards": entries, **meta}
+    out = folder / MANIFEST_NAME
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """Split a tar member name into (sample key, field) the WebDataset way: up to the first dot of the
+    basename. ``a/b/000001.jpg`` -> (``a/b/000001``, ``jpg``); ``x.clip_img.npy`` -> (``x``, ``clip_img.npy``)."""
+    head, _, base = member_name.rpartition("/")
+    key, dot, field = base.partition(".")
+    return (f"{head}/{key}" if head else key), (field if dot else "")
+
+
+def count_samples(tar_path: str | Path) -> int:
+    """Count the samples of a local tar shard by reading only its member headers."""
+    n, last = 0, None
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _ = sample_key(member.name)
+                if key.startswith("_") or key.startswith("__"):
+                    continue
+                if key != last:
+                    n, last = n + 1, key
+    except tarfile.TarError as e:
+        raise DataError(f"cannot read tar shard {tar_path}: {e}") from e
+    return n

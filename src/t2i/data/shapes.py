@@ -1,0 +1,174 @@
+"""The built-in "shapes" dataset: one anti-aliased shape on a plain background, 64x64 RGB.
+
+Every sample is fully described by a `ShapeSpec`; its canonical caption is
+``"a {size} {color} {shape} in the {position} on a {background} background"``.
+The constants here are the exact definition (an evaluation oracle reuses them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+RESOLUTION = 64
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+SIZES = {"small": 14, "large": 26}  # bounding-box side in pixels
+POSITIONS = {  # name -> (row, col) of the 3x3 grid
+    "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
+    "left": (1, 0), "center": (1, 1), "right": (1, 2),
+    "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2),
+}
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
+MAX_JITTER = 1.0  # px, per axis
+SUPERSAMPLE = 8  # coverage samples per pixel per axis (anti-aliasing)
+GENERATOR_VERSION = 1  # bump when rendering or sampling changes
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    shape: str
+    color: str
+    size: str
+    position: str
+    background: str
+    dx: float = 0.0  # jitter of the centre, px
+    dy: float = 0.0
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.shape, SHAPES, "shape"), (self.color, COLORS, "color"),
+                                     (self.size, SIZES, "size"), (self.position, POSITIONS, "position"),
+                                     (self.background, BACKGROUNDS, "background")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; expected one of {list(allowed)}")
+
+
+def caption(spec: ShapeSpec) -> str:
+    return f"a {spec.size} {spec.color} {spec.shape} in the {spec.position} on a {spec.background} background"
+
+
+def _alternatives(names) -> str:
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+_CAPTION_RE = re.compile(
+    rf"a ({_alternatives(SIZES)}) ({_alternatives(COLORS)}) ({_alternatives(SHAPES)}) "
+    rf"in the ({_alternatives(POSITIONS)}) on a ({_alternatives(BACKGROUNDS)}) background"
+)
+
+
+def parse_caption(text: str) -> ShapeSpec:
+    """Inverse of `caption` (jitter is not in the caption: dx = dy = 0)."""
+    m = _CAPTION_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a canonical shapes caption: {text!r}")
+    size, color, shape, position, background = m.groups()
+    return ShapeSpec(shape, color, size, position, background)
+
+
+def center(spec: ShapeSpec) -> tuple[float, float]:
+    """(x, y) of the bounding-box centre in pixels (pixel i spans [i, i+1))."""
+    row, col = POSITIONS[spec.position]
+    cell = RESOLUTION / 3
+    return (col + 0.5) * cell + spec.dx, (row + 0.5) * cell + spec.dy
+
+
+def bbox(spec: ShapeSpec) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the shape's bounding box in pixels, unclipped."""
+    cx, cy = center(spec)
+    h = SIZES[spec.size] / 2
+    return cx - h, cy - h, cx + h, cy + h
+
+
+def attributes(spec: ShapeSpec) -> dict:
+    """A json-able description of the sample: attribute names, jitter, centre and bbox in pixels."""
+    d = asdict(spec)
+    d.update(
+        center=[round(v, 4) for v in center(spec)],
+        bbox=[round(v, 4) for v in bbox(spec)],
+        size_px=SIZES[spec.size],
+        color_rgb=list(COLORS[spec.color]),
+        background_rgb=list(BACKGROUNDS[spec.background]),
+        resolution=RESOLUTION,
+    )
+    return d
+
+
+def coverage(spec: ShapeSpec) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, float32 (64, 64) in [0, 1]."""
+    x0, y0, x1, y1 = bbox(spec)
+    cx, cy = center(spec)
+    h = SIZES[spec.size] / 2
+    cov = np.zeros((RESOLUTION, RESOLUTION), np.float32)
+    c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), RESOLUTION)
+    r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), RESOLUTION)
+    s = SUPERSAMPLE
+    offsets = (np.arange(s) + 0.5) / s
+    u = (np.arange(c0, c1)[:, None] + offsets).reshape(-1)[None, :]  # sample x, shape (1, W*s)
+    v = (np.arange(r0, r1)[:, None] + offsets).reshape(-1)[:, None]  # sample y, shape (H*s, 1)
+    if spec.shape == "square":
+        inside = (u >= x0) & (u < x1) & (v >= y0) & (v < y1)
+    elif spec.shape == "circle":
+        inside = (u - cx) ** 2 + (v - cy) ** 2 <= h * h
+    else:  # upright triangle: apex at (cx, y0), base from x0 to x1 at y1
+        inside = (v >= y0) & (v < y1) & (np.abs(u - cx) <= (v - y0) / 2)
+    block = inside.reshape(r1 - r0, s, c1 - c0, s).mean(axis=(1, 3), dtype=np.float32)
+    cov[r0:r1, c0:c1] = block
+    return cov
+
+
+def render(spec: ShapeSpec) -> np.ndarray:
+    """The image, uint8 (64, 64, 3): background blended with the shape colour by pixel coverage."""
+    a = coverage(spec)[..., None]
+    bg = np.asarray(BACKGROUNDS[spec.background], np.float32)
+    fg = np.asarray(COLORS[spec.color], np.float32)
+    return np.rint(bg + (fg - bg) * a).astype(np.uint8)
+
+
+def random_specs(n: int, seed: int) -> list[ShapeSpec]:
+    """`n` specs uniform over all attributes, with jitter uniform in [-1, 1] px (rounded to 1e-3)."""
+    rng = np.random.default_rng(seed)
+    pick = {name: rng.integers(0, len(vals), size=n) for name, vals in
+            (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", POSITIONS),
+             ("background", BACKGROUNDS))}
+    jitter = np.round(rng.uniform(-MAX_JITTER, MAX_JITTER, size=(n, 2)), 3)
+    shapes, colors, sizes = list(SHAPES), list(COLORS), list(SIZES)
+    positions, backgrounds = list(POSITIONS), list(BACKGROUNDS)
+    return [
+        ShapeSpec(shapes[pick["shape"][i]], colors[pick["color"][i]], sizes[pick["size"][i]],
+                  positions[pick["position"][i]], backgrounds[pick["background"][i]],
+                  float(jitter[i, 0]), float(jitter[i, 1]))
+        for i in range(n)
+    ]
+
+
+def all_specs() -> list[ShapeSpec]:
+    """Every attribute combination (972), without jitter."""
+    return [ShapeSpec(sh, c, sz, p, b) for sh in SHAPES for c in COLORS for sz in SIZES
+            for p in POSITIONS for b in BACKGROUNDS]
+
+
+def encode_sample(spec: ShapeSpec) -> dict[str, bytes | str]:
+    """WebDataset fields of one sample: png bytes, caption, json (attributes + caption)."""
+    buf = io.BytesIO()
+    Image.fromarray(render(spec), "RGB").save(buf, format="PNG")
+    text = caption(spec)
+    meta = {**attributes(spec), "caption": text}
+    return {"png": buf.getvalue(), "txt": text, "json": json.dumps(meta, sort_keys=True)}
+
+
+def encode_chunk(specs: list[ShapeSpec]) -> list[dict[str, bytes | str]]:
+    """`encode_sample` over a chunk (the unit of work for a process pool)."""
+    return [encode_sample(s) for s in specs]

@@ -1,0 +1,123 @@
+"""`ShardStream`: the IterableDataset that yields whole, collated batches following the epoch plan.
+
+Each batch is a dict: ``image`` (uint8, B x 3 x H x W), ``caption`` (list of str), ``key``, one tensor per
+derived array field, and ``skipped``: a list of (shard url, sample key, reason) for the planned samples
+that could not be used (the batch is that much smaller; it is never refilled from elsewhere, so the
+stream stays a pure function of its position). `ResumableLoader` takes ``skipped`` out and counts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import chain
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from t2i.data.decode import BadSample, DecodeConfig, decode_sample
+from t2i.data.manifest import Manifest
+from t2i.data.plan import (Layout, _rng, consumed_by_worker, num_batches, segments, shard_order,
+                           window_permutation, worker_plan)
+from t2i.data.tar_reader import RawSample, read_samples
+
+
+def collate(samples: list[dict], sources: list[tuple[str, str]], skipped: list[tuple[str, str, str]],
+            resolution: int) -> dict:
+    batch: dict = {"key": [key for _, key in sources], "caption": [s["caption"] for s in samples], "skipped": skipped}
+    if resolution > 0:
+        batch["image"] = (torch.stack([s["image"] for s in samples]) if samples
+                          else torch.empty(0, 3, resolution, resolution, dtype=torch.uint8))
+    names = [k for k in (samples[0] if samples else {}) if k not in ("image", "caption")]
+    for name in names:
+        batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, manifest: Manifest, layout: Layout, decode: DecodeConfig):
+        super().__init__()
+        self.urls = [s.url for s in manifest.shards]
+        self.counts = [s.num_samples for s in manifest.shards]
+        self.total = sum(self.counts)
+        self.layout = layout
+        self.decode = decode
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return num_batches(self.total, self.layout)
+
+    def set_position(self, epoch: int, batches_consumed: int) -> None:
+        """Where the next `iter()` starts: `batches_consumed` batches into `epoch` (set before iter)."""
+        if not 0 <= batches_consumed <= len(self):
+            raise ValueError(f"position {batches_consumed} outside the epoch's {len(self)} batches")
+        self.epoch, self.start_batch = epoch, batches_consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w = self.layout.num_workers
+        if info is None:
+            if w != 1:
+                raise RuntimeError(f"layout expects {w} loader workers but the stream runs in-process")
+            return self._worker_batches(0)
+        if info.num_workers != w:
+            raise RuntimeError(f"layout expects {w} loader workers, the DataLoader has {info.num_workers}")
+        # after a resume at batch k, DataLoader worker 0 must produce batch k: rotate the roles
+        return self._worker_batches((info.id + self.start_batch) % w)
+
+    def _raw(self, order: np.ndarray, start: int, stop: int) -> Iterator[RawSample]:
+        counts = [self.counts[i] for i in order]
+        return chain.from_iterable(read_samples(self.urls[order[i]], a, b)
+                                   for i, a, b in segments(counts, start, stop))
+
+    def _worker_batches(self, worker: int) -> Iterator[dict]:
+        layout, epoch = self.layout, self.epoch
+        plan = worker_plan(self.total, layout, worker)
+        done = consumed_by_worker(self.start_batch, layout.num_workers, worker)
+        bounds = np.cumsum((0,) + plan.batch_sizes)  # emission positions where batches start
+        skip = int(bounds[done])
+        size, window = plan.num_samples, layout.shuffle_window
+        first_window = skip // window
+        raw = self._raw(shard_order(len(self.urls), layout, epoch),
+                        plan.start + first_window * window, plan.start + size)
+        batch_no, samples, keys, skipped = done, [], [], []
+        for win in range(first_window, -(-size // window)):
+            lo = win * window
+            items = [next(raw) for _ in range(min(window, size - lo))]
+            for j, src in enumerate(window_permutation(len(items), layout, epoch, worker, win)):
+                pos = lo + j
+                if pos < skip:
+                    continue
+                item = items[src]
+                if item.error:
+                    skipped.append((item.url, item.key or f"#{item.index}", item.error))
+                else:
+                    crop_rng = (_rng(layout.seed, epoch, plan.start + lo + src, 0xC0)
+                                if self.decode.crop == "random" else None)
+                    try:
+                        samples.append(decode_sample(item.fields, self.decode, crop_rng))
+                        keys.append((item.url, item.key))
+                    except BadSample as e:
+                        skipped.append((item.url, item.key, str(e)))
+                if pos + 1 == bounds[batch_no + 1]:
+                    samples, keys, skipped = self._consistent(samples, keys, skipped)
+                    yield collate(samples, keys, skipped, self.decode.resolution)
+                    batch_no, samples, keys, skipped = batch_no + 1, [], [], []
+
+    @staticmethod
+    def _consistent(samples: list[dict], keys: list[tuple[str, str]], skipped: list) -> tuple[list, list, list]:
+        """Drop samples whose derived arrays differ in shape from the batch's first sample."""
+        if not samples:
+            return samples, keys, skipped
+        ref = {k: v.shape for k, v in samples[0].items() if isinstance(v, torch.Tensor)}
+        good, good_keys = [], []
+        for s, (url, key) in zip(samples, keys):
+            bad = [n for n, shp in ref.items() if s[n].shape != shp]
+            if bad:
+                n = bad[0]
+                skipped.append((url, key, f"{n} has shape {tuple(s[n].shape)}, batch has {tuple(ref[n])}"))
+            else:
+                good.append(s)
+                good_keys.append((url, key))
+        return good, good_keys, skipped
