@@ -54,3 +54,31 @@ def shard_set(tmp_path):
     def make(sizes, name="shards", image_size=8):
         return make_shard_set(tmp_path / name, sizes, image_size)
     return make
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_data_prep(name: str):
+    """data_prep/ holds scripts, not a package: import one from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO / "data_prep" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def small_shapes(tmp_path_factory) -> Path:
+    """A small shapes dataset (600 train / 128 val samples) shared by the training tests."""
+    out = tmp_path_factory.mktemp("shapes")
+    load_data_prep("make_shapes").make_shapes(out, train=600, val=128, seed=0, shard_size=250, workers=1)
+    return out
+
+
+def tiny_overrides(shapes: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make the tiny VAE experiment run in seconds on a small shapes set."""
+    return ["experiment=tiny/vae", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", "model.autoencoder.base_channels=8",
+            "model.autoencoder.num_groups=4", "trainer.limit_val_batches=2", "logger=csv", *extra]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch.utils.data import DataLoader
 
 from t2i.data.manifest import DataError
@@ -85,9 +86,11 @@ class ResumableLoader:
         self.stream.set_position(epoch, start)
         if start >= len(self.stream):
             return
+        # an own generator: creating the iterator must not draw from the global RNG (exact resume)
+        seed = self.stream.layout.seed * 1_000_003 + epoch
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(seed))
         for batch in loader:
             skipped = batch.pop("skipped")
             self.stats.add(len(batch["key"]) + len(skipped), skipped)

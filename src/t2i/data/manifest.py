@@ -76,6 +76,9 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         raise DataError(f"manifest {path} lists no shards")
     shards = []
     for e in entries:
+        if "://" in e["url"]:
+            raise DataError(f"manifest {path}: {e['url']} is a URL; give remote shards as a pipe command, "
+                            f"e.g. 'pipe:curl -sL {e['url']}' or 'pipe:aws s3 cp {e['url']} -'")
         n = int(e["num_samples"])
         if n < 0:
             raise DataError(f"manifest {path}: negative num_samples for {e['url']}")
@@ -94,13 +97,13 @@ def write_manifest(folder: str | Path, shards: list[ShardInfo], **meta) -> Path:
     entries = []
     for s in shards:
         url = s.url
-        if not s.is_pipe:
+        if not s.is_pipe and "://" not in url:
             try:
                 url = str(Path(url).resolve().relative_to(folder.resolve()))
             except ValueError:
                 url = str(Path(url).resolve())
         entries.append({"url": url, "num_samples": s.num_samples})
-    body = {"format": FORMAT, "total": sum(s.num_samples for s in shards), "shards": entries, **meta}
+    body = {**meta, "format": FORMAT, "total": sum(s.num_samples for s in shards), "shards": entries}
     out = folder / MANIFEST_NAME
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
@@ -125,7 +128,7 @@ def count_samples(tar_path: str | Path) -> int:
                 if not member.isfile():
                     continue
                 key, _ = sample_key(member.name)
-                if key.startswith("_") or key.startswith("__"):
+                if key.startswith("_"):
                     continue
                 if key != last:
                     n, last = n + 1, key

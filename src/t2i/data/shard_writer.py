@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import Self
 
 from t2i.data.manifest import ShardInfo, write_manifest
 
@@ -34,7 +35,7 @@ class ShardWriter:
         self._close_current()
         final = self.folder / f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = final.with_suffix(".tar.tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - kept open across writes
         self._count = 0
 
     def _close_current(self) -> None:
@@ -67,7 +68,7 @@ class ShardWriter:
         self._close_current()
         return write_manifest(self.folder, self.shards, **self.meta)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

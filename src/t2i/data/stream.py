@@ -17,8 +17,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from t2i.data.decode import BadSample, DecodeConfig, decode_sample
 from t2i.data.manifest import Manifest
-from t2i.data.plan import (Layout, _rng, consumed_by_worker, num_batches, segments, shard_order,
-                           window_permutation, worker_plan)
+from t2i.data.plan import (
+    Layout,
+    _rng,
+    consumed_by_worker,
+    num_batches,
+    segments,
+    shard_order,
+    window_permutation,
+    worker_plan,
+)
 from t2i.data.tar_reader import RawSample, read_samples
 
 

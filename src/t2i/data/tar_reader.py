@@ -30,7 +30,7 @@ def _open(url: str):
     """Return (tarfile, closer). Local paths are opened for random access; ``pipe:`` streams."""
     if url.startswith("pipe:"):
         proc = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE, bufsize=1 << 20)
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|")
+        tar = tarfile.open(fileobj=proc.stdout, mode="r|")  # noqa: SIM115 - closed by the returned closer
 
         def close():
             tar.close()
@@ -39,7 +39,7 @@ def _open(url: str):
             proc.wait()
 
         return tar, close
-    tar = tarfile.open(url, mode="r:")
+    tar = tarfile.open(url, mode="r:")  # noqa: SIM115 - closed by the returned closer
     return tar, tar.close
 
 

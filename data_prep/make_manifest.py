@@ -1,0 +1,89 @@
+"""Write manifest.json for existing tar shards (e.g. img2dataset output: 00000.tar, 00001.tar, ...).
+
+    python data_prep/make_manifest.py data/laion/          # every *.tar in the folder
+    python data_prep/make_manifest.py 'data/laion/0*.tar' --trust-stats
+
+Samples are counted from the tar headers; with --trust-stats the "successes" of the
+``<shard>_stats.json`` beside a shard is used where present (much faster on remote-mounted data).
+Shards holding no samples are left out. The manifest goes into the folder (or, for a glob, the
+common folder of the matches) unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+
+from t2i.data.manifest import DataError, ShardInfo, count_samples, write_manifest
+
+
+def find_shards(target: str) -> tuple[list[Path], Path]:
+    """(sorted tar files, default manifest folder) for a folder or a glob pattern."""
+    p = Path(target)
+    if p.is_dir():
+        tars, folder = sorted(p.glob("*.tar")), p
+    else:
+        tars = sorted(Path(m) for m in glob.glob(target, recursive=True) if m.endswith(".tar"))
+        folder = Path(os.path.commonpath([t.resolve().parent for t in tars])) if tars else p.parent
+    tars = [t for t in tars if t.is_file()]
+    if not tars:
+        raise SystemExit(f"no .tar shards found for {target!r}")
+    return tars, folder
+
+
+def stats_successes(tar: Path) -> int | None:
+    """img2dataset's `<shard>_stats.json` "successes" count, or None if absent/unusable."""
+    stats = tar.with_name(tar.stem + "_stats.json")
+    if not stats.is_file():
+        return None
+    try:
+        n = json.loads(stats.read_text(encoding="utf-8")).get("successes")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n >= 0 else None
+
+
+def make_manifest(target: str | Path, trust_stats: bool = False, out: str | Path | None = None) -> Path:
+    """Count the shards' samples and write `manifest.json`; returns its path."""
+    tars, folder = find_shards(str(target))
+    folder = Path(out) if out else folder
+    shards, by_stats, empty = [], 0, []
+    for tar in tars:
+        n = stats_successes(tar) if trust_stats else None
+        if n is None:
+            n = count_samples(tar)
+        else:
+            by_stats += 1
+        if n == 0:
+            empty.append(tar.name)
+            continue
+        shards.append(ShardInfo(str(tar), n))
+    if not shards:
+        raise SystemExit(f"all {len(tars)} shard(s) for {str(target)!r} are empty")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_manifest(folder, shards, counted_by={"stats": by_stats, "tar": len(tars) - by_stats})
+    total = sum(s.num_samples for s in shards)
+    print(f"{path}: {len(shards)} shard(s), {total} samples "
+          f"({by_stats} counted from _stats.json, {len(tars) - by_stats} from tar headers)")
+    if empty:
+        print(f"left out {len(empty)} empty shard(s): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", help="folder of .tar shards, or a glob (quote it)")
+    ap.add_argument("--trust-stats", action="store_true", help="use <shard>_stats.json 'successes' if present")
+    ap.add_argument("--out", help="folder to write manifest.json into (default: the shards' folder)")
+    a = ap.parse_args(argv)
+    try:
+        make_manifest(a.target, trust_stats=a.trust_stats, out=a.out)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Save and restore every random-number state (python, numpy, torch CPU and CUDA) in checkpoints, per
+rank, so that a resumed run draws the same noise, timesteps and dropout as an uninterrupted one."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _capture() -> dict:
+    """Plain types and tensors only, so checkpoints load with ``weights_only=True``."""
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": (version, torch.tensor(py_state, dtype=torch.int64), gauss),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in py_state.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RngStateCallback(L.Callback):
+    """Checkpoints hold a list of states, one per rank (gathered when distributed)."""
+
+    def state_dict(self) -> dict:
+        state = _capture()
+        if dist.is_available() and dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        else:
+            states = [state]
+        return {"per_rank": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict["per_rank"]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        states = getattr(self, "_pending", None)
+        if states is None:
+            return
+        rank = trainer.global_rank
+        if len(states) != trainer.world_size:
+            raise RuntimeError(f"checkpoint holds random states for {len(states)} ranks, "
+                               f"this run has {trainer.world_size}; exact resume needs the same world size")
+        _restore(states[rank])
+        self._pending = None

@@ -1,0 +1,25 @@
+"""Where the config tree lives and how to compose it outside `@hydra.main` (tests, recipe runner)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+
+def config_dir() -> Path:
+    """``configs/`` of the source tree (override with T2I_CONFIG_DIR)."""
+    env = os.environ.get("T2I_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
+    if not (path / "train.yaml").is_file():
+        raise FileNotFoundError(f"config tree not found at {path}; set T2I_CONFIG_DIR to the repo's configs/")
+    return path
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose the training config exactly as the command line would, from a list of overrides."""
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

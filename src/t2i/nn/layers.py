@@ -1,0 +1,20 @@
+"""Small shared building blocks for the networks in :mod:`t2i.nn`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def num_groups_for(channels: int, num_groups: int = 32) -> int:
+    """Largest divisor of ``channels`` that is ``<= num_groups`` (so tiny test models still work)."""
+    if channels <= 0 or num_groups <= 0:
+        raise ValueError(f"channels and num_groups must be positive, got {channels} and {num_groups}")
+    for groups in range(min(num_groups, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1  # unreachable: 1 always divides
+
+
+def group_norm(channels: int, num_groups: int = 32, eps: float = 1e-6, affine: bool = True) -> nn.GroupNorm:
+    """GroupNorm with LDM defaults (32 groups, eps 1e-6); the group count adapts to small ``channels``."""
+    return nn.GroupNorm(num_groups_for(channels, num_groups), channels, eps=eps, affine=affine)

@@ -1,0 +1,53 @@
+"""Every experiment composes and instantiates; a misspelled key is an error, never ignored."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from t2i.cli.config import compose_config, config_dir
+
+EXPERIMENTS = sorted(str(p.relative_to(config_dir() / "experiment").with_suffix(""))
+                     for p in (config_dir() / "experiment").rglob("*.yaml"))
+
+
+def test_experiments_are_found():
+    assert "tiny/vae" in EXPERIMENTS and "ldm/vae" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", f"run_dir={tmp_path}",
+                          "data.train_manifest=/nonexistent/train", "trainer.accelerator=cpu", "trainer.devices=1"])
+    OmegaConf.resolve(cfg)
+    assert cfg.name and cfg.model._target_.startswith("t2i.")
+    model = instantiate(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    dm = instantiate(cfg.data)
+    assert dm.batch_size == cfg.data.batch_size
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_misspelled_override_fails():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["experiment=tiny/vae", "trainer.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["experiment=tiny/vae", "model.autoencoder.latent_chanels=8"])
+
+
+def test_misspelled_key_in_a_config_fails_at_instantiation():
+    cfg = compose_config(["experiment=tiny/vae"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.model.autoencoder.latent_chanels = 8  # as if a yaml file had the typo
+    with pytest.raises(Exception, match="latent_chanels"):
+        instantiate(cfg.model)
+
+
+def test_unknown_key_access_is_an_error():
+    cfg = compose_config(["experiment=tiny/vae"])
+    with pytest.raises((ConfigAttributeError, ConfigKeyError)):
+        _ = cfg.trainer.max_stepz

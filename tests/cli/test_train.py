@@ -1,0 +1,58 @@
+"""`train(cfg)` end to end on CPU: fast_dev_run, the export it writes, and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from t2i.cli.config import compose_config
+from t2i.cli.train import train
+from t2i.exports import read_export
+
+
+def test_fast_dev_run_writes_checkpoint_and_export(small_shapes, tmp_path):
+    cfg = compose_config(tiny_overrides(small_shapes, tmp_path / "run", "trainer.fast_dev_run=true"))
+    result = train(cfg)
+    assert result.last_checkpoint.is_file()
+    export = read_export(result.export_dir, stage="autoencoder")
+    assert any(k.startswith("decoder.") for k in export.state_dict())
+    info = json.loads((result.export_dir / "stage.json").read_text())
+    assert info["metrics"]["latent_scale"] > 0 and info["metrics"]["latent_channels"] == 4
+    assert export.config["model"]["autoencoder"]["base_channels"] == 8
+
+
+def _weights(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt["optimizer_states"], ckpt["loops"]
+
+
+def test_resume_continues_exactly(small_shapes, tmp_path):
+    """N steps, stop, resume to 2N == an uninterrupted 2N run (weights, optimizer, data position)."""
+    common = ["trainer.val_check_interval=3", "callbacks.checkpoint.every_n_train_steps=2",
+              "final_validation=false", "export=false", "model.grid_every_n_steps=0"]
+    a = tmp_path / "interrupted"
+    train(compose_config(tiny_overrides(small_shapes, a, "trainer.max_steps=5", *common)))
+    train(compose_config(tiny_overrides(small_shapes, a, "trainer.max_steps=10", "ckpt_path=last", *common)))
+    b = tmp_path / "straight"
+    train(compose_config(tiny_overrides(small_shapes, b, "trainer.max_steps=10", *common)))
+    sa, oa, la = _weights(a / "checkpoints" / "last.ckpt")
+    sb, ob, lb = _weights(b / "checkpoints" / "last.ckpt")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=k)
+    for k, v in oa[0]["state"].items():
+        torch.testing.assert_close(v["exp_avg"], ob[0]["state"][k]["exp_avg"], rtol=0, atol=1e-7)
+    position = la["fit_loop"]["state_dict"]["combined_loader"]
+    assert position == lb["fit_loop"]["state_dict"]["combined_loader"]
+    assert (position[0]["epoch"], position[0]["batch"]) == (0, 10)
+
+
+def test_export_weights_equal_the_trained_model(small_shapes, tmp_path):
+    result = train(compose_config(tiny_overrides(small_shapes, tmp_path / "run", "trainer.max_steps=2")))
+    exported = load_file(result.export_dir / "model.safetensors")
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in exported.items():
+        torch.testing.assert_close(v, ckpt[f"autoencoder.{k}"])

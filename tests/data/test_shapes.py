@@ -1,0 +1,154 @@
+"""The shapes dataset definition: determinism, exact colours, geometry, captions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from t2i.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    RESOLUTION,
+    SHAPES,
+    SIZES,
+    ShapeSpec,
+    all_specs,
+    attributes,
+    bbox,
+    caption,
+    encode_sample,
+    parse_caption,
+    random_specs,
+    render,
+)
+
+CELL = RESOLUTION / 3
+
+
+def mask_of(img: np.ndarray, spec: ShapeSpec) -> np.ndarray:
+    """Pixels at least half-way from the background colour to the shape colour."""
+    bg = np.asarray(BACKGROUNDS[spec.background], np.float32)
+    fg = np.asarray(COLORS[spec.color], np.float32)
+    frac = ((img.astype(np.float32) - bg) @ (fg - bg)) / ((fg - bg) @ (fg - bg))
+    return frac >= 0.5
+
+
+def jittered(n: int, seed: int = 0) -> list[ShapeSpec]:
+    """Every combination with a random jitter."""
+    rng = np.random.default_rng(seed)
+    return [ShapeSpec(s.shape, s.color, s.size, s.position, s.background, *rng.uniform(-1, 1, 2))
+            for s in all_specs()][:n]
+
+
+def test_constants():
+    assert len(all_specs()) == 3 * 6 * 2 * 9 * 3 == 972
+    assert SHAPES == ("circle", "square", "triangle") and SIZES == {"small": 14, "large": 26}
+    assert sorted(POSITIONS.values()) == [(r, c) for r in range(3) for c in range(3)]
+
+
+def test_random_specs_deterministic_and_uniform():
+    a, b = random_specs(3000, seed=5), random_specs(3000, seed=5)
+    assert a == b and a != random_specs(3000, seed=6)
+    assert all(-1 <= s.dx <= 1 and -1 <= s.dy <= 1 for s in a)
+    for name, values in (("shape", SHAPES), ("color", COLORS), ("position", POSITIONS)):
+        counts = {v: sum(getattr(s, name) == v for s in a) for v in values}
+        expected = len(a) / len(values)
+        assert all(abs(c - expected) < 0.25 * expected for c in counts.values()), counts
+
+
+def test_render_and_encode_deterministic():
+    spec = random_specs(1, seed=1)[0]
+    img = render(spec)
+    assert img.dtype == np.uint8 and img.shape == (64, 64, 3)
+    assert np.array_equal(img, render(spec))
+    assert encode_sample(spec) == encode_sample(spec)
+
+
+def test_exact_colours_at_centre_and_far_corner():
+    for spec in jittered(972):
+        img = render(spec)
+        x0, y0, x1, y1 = bbox(spec)
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        assert tuple(img[cy, cx]) == COLORS[spec.color], spec
+        row, col = POSITIONS[spec.position]
+        far_y, far_x = (63 if row < 1 else 0), (63 if col < 1 else 0)
+        assert tuple(img[far_y, far_x]) == BACKGROUNDS[spec.background], spec
+
+
+def test_antialiased_edges():
+    img = render(ShapeSpec("circle", "red", "large", "center", "white", 0.3, 0.3))
+    distinct = {tuple(p) for p in img.reshape(-1, 3)}
+    assert len(distinct) > 5  # background, colour and blends
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_bbox_extent(shape, size):
+    """Mask extent = box side ±1 px; large shapes off-centre are clipped by the border (up to ~3.3 px)."""
+    for position in POSITIONS:
+        for dx, dy in ((0, 0), (1, -1), (-0.6, 0.45), (-1, -1)):
+            spec = ShapeSpec(shape, "blue", size, position, "white", dx, dy)
+            mask = (render(spec) != BACKGROUNDS["white"]).any(axis=-1)
+            rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+            height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+            x0, y0, x1, y1 = np.clip(bbox(spec), 0, RESOLUTION)
+            assert abs(height - (y1 - y0)) <= 1.01, (spec, height)
+            if shape != "triangle" or bbox(spec)[3] <= RESOLUTION:  # a clipped base is narrower
+                assert abs(width - (x1 - x0)) <= 1.01, (spec, width)
+            assert SIZES[size] - 3.4 <= min(x1 - x0, y1 - y0)
+            if position == "center":
+                assert abs(height - SIZES[size]) <= 1 and abs(width - SIZES[size]) <= 1
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_triangle_apex_up(size):
+    spec = ShapeSpec("triangle", "green", size, "center", "black", 0.2, -0.4)
+    widths = mask_of(render(spec), spec).sum(axis=1)
+    widths = widths[widths > 0]
+    assert np.all(np.diff(widths) >= 0) and widths[-1] - widths[0] >= SIZES[size] - 4
+    assert widths[0] <= 3 and widths[-1] >= SIZES[size] - 1
+
+
+def test_centroid_in_grid_cell():
+    for spec in jittered(972, seed=1):
+        ys, xs = np.nonzero(mask_of(render(spec), spec))
+        row, col = POSITIONS[spec.position]
+        assert (int((ys.mean() + 0.5) // CELL), int((xs.mean() + 0.5) // CELL)) == (row, col), spec
+
+
+def test_caption_round_trip_all_combinations():
+    captions = set()
+    for spec in all_specs():
+        text = caption(spec)
+        captions.add(text)
+        assert parse_caption(text) == spec
+    assert len(captions) == 972
+    assert caption(ShapeSpec("circle", "red", "large", "top left", "white")) == \
+        "a large red circle in the top left on a white background"
+
+
+@pytest.mark.parametrize("text", [
+    "a big red circle in the top left on a white background",
+    "a large red circle in the top left on a white background.",
+    "A large red circle in the top left on a white background",
+    "a large red  circle in the top left on a white background",
+    "a large red circle in the middle on a white background",
+    "",
+])
+def test_parse_caption_rejects_non_canonical(text):
+    with pytest.raises(ValueError):
+        parse_caption(text)
+
+
+def test_spec_validation_and_attributes():
+    with pytest.raises(ValueError):
+        ShapeSpec("hexagon", "red", "small", "center", "black")
+    spec = ShapeSpec("square", "orange", "small", "bottom right", "gray", 0.5, -1.0)
+    attrs = json.loads(json.dumps(attributes(spec)))
+    assert attrs["center"] == pytest.approx([2.5 * CELL + 0.5, 2.5 * CELL - 1.0])
+    assert attrs["bbox"] == pytest.approx([attrs["center"][0] - 7, attrs["center"][1] - 7,
+                                           attrs["center"][0] + 7, attrs["center"][1] + 7])
+    assert attrs["shape"] == "square" and attrs["color_rgb"] == list(COLORS["orange"])
