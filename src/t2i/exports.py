@@ -42,8 +42,12 @@ class Export:
         return load_file(self.path / WEIGHTS)
 
 
+VOLATILE_KEYS = ("ckpt_path",)  # how a run was started, not what it trains
+
+
 def config_hash(config: dict) -> str:
-    """A stable hash of a config (key order does not matter)."""
+    """A stable hash of what a config trains (key order and `VOLATILE_KEYS` do not matter)."""
+    config = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

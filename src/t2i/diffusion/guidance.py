@@ -46,7 +46,8 @@ def classifier_free_guidance(model_fn: Callable, scale: float) -> Callable:
     def guided(x_t: torch.Tensor, t: torch.Tensor, cond, uncond) -> torch.Tensor:
         if scale == 1:
             return model_fn(x_t, t, cond)
-        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), _concat(cond, uncond))
+        t2 = torch.cat([t, t]) if t.dim() else t
+        out = model_fn(torch.cat([x_t, x_t]), t2, _concat(cond, uncond))
         out_c, out_u = out.chunk(2, dim=0)
         return out_u + scale * (out_c - out_u)
 
@@ -58,15 +59,28 @@ def static_threshold(x0: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> tor
     return x0.clamp(lo, hi)
 
 
+def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row ``q``-quantile with linear interpolation (as ``torch.quantile``/``np.percentile``), via
+    ``kthvalue`` so that it has no input-size limit."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"percentile must be in [0, 1], got {q}")
+    rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    pos = q * (rows.shape[1] - 1)
+    lo, frac = int(pos), pos - int(pos)
+    v_lo = rows.kthvalue(lo + 1, dim=1).values
+    if frac == 0:
+        return v_lo
+    v_hi = rows.kthvalue(lo + 2, dim=1).values
+    return v_lo + frac * (v_hi - v_lo)
+
+
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float | None = None) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3).
 
     Per sample ``s = max(1, quantile(|x̂0|, percentile))`` (optionally capped at ``max_value``), then
     ``x̂0 ← clamp(x̂0, -s, s) / s``. Samples already inside [-1, 1] with ``percentile = 1`` are unchanged.
     """
-    flat = x0.detach().flatten(1).abs()
-    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0)
+    s = _row_quantile(x0.detach().flatten(1).abs(), percentile).clamp(min=1.0)
     if max_value is not None:
         s = s.clamp(max=max_value)
     s = s.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))

@@ -228,7 +228,7 @@ class UNet(nn.Module):
               vector: torch.Tensor | None = None) -> torch.Tensor:
         """Time embedding (plus the projected conditioning vector) of shape ``(batch, 4 * model_channels)``."""
         t = torch.as_tensor(t, device=device)
-        t = t.expand(batch) if t.numel() == 1 else t.reshape(-1)
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(-1)
         if t.shape[0] != batch:
             raise ValueError(f"got {t.shape[0]} timesteps for a batch of {batch}")
         weight = self.time_embed[0].weight

@@ -117,7 +117,7 @@ class AutoencoderStage(L.LightningModule):
 
     # ---- export -------------------------------------------------------------------------------
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.autoencoder.state_dict()
+        return {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
 
     @torch.no_grad()
     def export_metrics(self, datamodule, max_samples: int = 2048) -> dict:

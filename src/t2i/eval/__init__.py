@@ -1,0 +1,1 @@
+"""Evaluation of generated images (deterministic oracles, no learned models)."""

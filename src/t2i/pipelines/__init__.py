@@ -1,0 +1,1 @@
+"""Inference: load stage exports and generate. Nothing here imports Lightning."""
