@@ -6,9 +6,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DATA   := data/shapes
 ARGS   ?=
+RECIPE ?= recipes/ldm.yaml
+PROMPT ?= a large red circle in the top left on a white background
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train-vae train-ldm test test-slow lint bench clean
+.PHONY: help install data train-vae train-ldm generate test test-slow lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,9 +29,11 @@ data: $(STAMP)  ## write the built-in shapes dataset to data/shapes (idempotent,
 train-vae: data  ## train the tiny VAE on shapes on CPU and write its export (runs/tiny-vae/export)
 	$(PY) -m t2i.cli.train experiment=tiny/vae $(ARGS)
 
-train-ldm: train-vae  ## the main job: the LDM chain (today: its VAE stage; the LDM stage comes next)
-	@echo "[t2i] VAE stage done (runs/tiny-vae/export). The latent diffusion stage is not in this"
-	@echo "[t2i] version yet: train-ldm currently stops after the VAE stage."
+train-ldm: $(STAMP)  ## the main job: shapes -> VAE -> latents -> LDM -> evaluation -> samples (recipes/ldm.yaml)
+	$(PY) -m t2i.cli.recipe $(RECIPE) $(ARGS)
+
+generate: $(STAMP)  ## images from the last train-ldm: make generate PROMPT="a large red circle in the top left on a white background"
+	$(PY) -m t2i.cli.generate prompt="$(PROMPT)" $(ARGS)
 
 test: $(STAMP)  ## run the test suite (fast tests; CI runs this)
 	$(PY) -m pytest -q

@@ -82,3 +82,34 @@ def tiny_overrides(shapes: Path, run_dir: Path, *extra: str) -> list[str]:
             f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
             "data.min_samples_for_check=100000", "model.autoencoder.base_channels=8",
             "model.autoencoder.num_groups=4", "trainer.limit_val_batches=2", "logger=csv", *extra]
+
+
+def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make the tiny LDM experiment run in seconds."""
+    return ["experiment=tiny/ldm", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", f"model.first_stage_export={vae_export}",
+            "model.unet.model_channels=16", "model.unet.num_head_channels=8", "model.unet.num_groups=4",
+            "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
+            "model.unet.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
+            "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_export(small_shapes, tmp_path_factory) -> Path:
+    from t2i.cli.config import compose_config
+    from t2i.cli.train import train
+    run = tmp_path_factory.mktemp("vae")
+    result = train(compose_config(tiny_overrides(small_shapes, run, "trainer.max_steps=2",
+                                                 "final_validation=false")))
+    return result.export_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm_export(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
+    from t2i.cli.config import compose_config
+    from t2i.cli.train import train
+    run = tmp_path_factory.mktemp("ldm")
+    result = train(compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, run, "trainer.max_steps=2",
+                                                     "final_validation=false")))
+    return result.export_dir

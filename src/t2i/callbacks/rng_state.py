@@ -34,7 +34,19 @@ def _restore(state: dict) -> None:
 
 
 class RngStateCallback(L.Callback):
-    """Checkpoints hold a list of states, one per rank (gathered when distributed)."""
+    """Checkpoints hold a list of states, one per rank (gathered when distributed).
+
+    At setup every rank is reseeded with ``seed + rank``, so that ranks draw different noise, timesteps
+    and dropout masks (one seed on every rank would correlate them); a resume then restores each rank's
+    own saved state.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.world_size > 1:
+            L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
 
     def state_dict(self) -> dict:
         state = _capture()

@@ -7,7 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+# ${cwd:} in configs: the directory a command runs in, so that resolved paths are absolute (exports
+# record where their parents are, wherever they are read from later).
+OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 
 def config_dir() -> Path:

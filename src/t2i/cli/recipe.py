@@ -90,9 +90,11 @@ class RecipeRunner:
 
     def stage_config(self, step: dict) -> tuple[list[str], dict]:
         parents = {n: self.exports[n]["hash"] for n in step.get("parents", [])}
-        overrides = [f"experiment={step['experiment']}", *map(self._resolve, step.get("overrides", [])),
+        own = self.stage_overrides[step["name"]]
+        experiment = next((o.split("=", 1)[1] for o in own if o.startswith("experiment=")), step["experiment"])
+        overrides = [f"experiment={experiment}", *map(self._resolve, step.get("overrides", [])),
                      *(f"+parents.{n}={h}" for n, h in parents.items()),
-                     *self.global_overrides, *self.stage_overrides[step["name"]]]
+                     *self.global_overrides, *(o for o in own if not o.startswith("experiment="))]
         cfg = compose_config(overrides)
         return overrides, OmegaConf.to_container(cfg, resolve=True)
 

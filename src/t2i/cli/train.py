@@ -54,7 +54,7 @@ def _float_metrics(metrics: dict) -> dict:
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    callbacks += [RngStateCallback(), FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")]
+    callbacks += [RngStateCallback(cfg.seed), FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")]
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None] or False
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
 

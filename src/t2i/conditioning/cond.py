@@ -73,7 +73,7 @@ class Cond:
                 return value.device
         return None
 
-    def keys(self) -> list[str]:
+    def set_fields(self) -> list[str]:
         """Names of the fields that are set."""
         return [name for name in FIELDS if getattr(self, name) is not None]
 
@@ -128,13 +128,13 @@ class Cond:
     def cat(conds: Sequence[Cond]) -> Cond:
         """Concatenate along the batch (classifier-free guidance batches ``[cond, uncond]``).
 
-        Every Cond must set the same fields. Contexts of different lengths L are right-padded with zeros
+        Every Cond must set the same fields (a context mask may be missing on some). Contexts of different lengths L are right-padded with zeros
         to the longest, and the padding is masked out (a mask is then created where none was given).
         """
         conds = list(conds)
         if not conds:
             raise ValueError("Cond.cat needs at least one Cond")
-        present = [tuple(c.keys()) for c in conds]
+        present = [tuple(k for k in c.set_fields() if k != "context_mask") for c in conds]
         if any(p != present[0] for p in present):
             raise ValueError(f"Cond.cat: the Conds set different fields: {present}")
         out: dict[str, torch.Tensor | None] = {name: None for name in FIELDS}
@@ -161,5 +161,5 @@ class Cond:
         return Cond(**out)
 
     def __repr__(self) -> str:
-        parts = [f"{name}={tuple(getattr(self, name).shape)}" for name in self.keys()]
+        parts = [f"{name}={tuple(getattr(self, name).shape)}" for name in self.set_fields()]
         return f"Cond({', '.join(parts)})"

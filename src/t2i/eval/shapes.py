@@ -4,15 +4,17 @@
 
 1. background: the nearest of the 3 background colours to the median of the border pixels;
 2. foreground: pixels farther than `FG_THRESHOLD` (colour distance, 0-255 units) from that background,
-   reduced to their largest 8-connected component (generated images have specks and noise);
+   reduced to their largest 8-connected component (generated images have specks and noise); when the
+   border shows heavy noise (robust std > `NOISE_SMOOTH`) the image is first smoothed (`SMOOTH_SIGMA`);
 3. colour: the shape colour whose line from the background passes nearest the median colour of the
    component's core (its half farthest from the background), so partly covered pixels still read right;
 4. coverage: each pixel's fraction of the way from the background to that colour (clipped to [0, 1]),
    kept only on the component and a 1-pixel rim around it (the anti-aliased edge);
 5. shape and size, by analysis-by-synthesis: each of the 6 (shape, size) candidates is drawn with the
    dataset's own renderer (`t2i.data.shapes.coverage`, border clipping included), centred so that its
-   coverage centroid matches the image's, box-filtered down to the image's resolution, and the candidate
-   with the least squared difference to the measured coverage wins;
+   coverage centroid matches the image's, box-filtered down to the image's resolution and blurred by each
+   of `BLURS` (generated images are soft), and the candidate with the least squared difference to the
+   measured coverage wins - no hand-tuned thresholds on size, fill ratio or clipping;
 6. position: the 3x3 grid cell of the winning candidate's bounding-box centre.
 
 Images are judged at their own resolution (geometry in 64-px units, the templates box-filtered to the
@@ -23,6 +25,7 @@ down to 64 first. An image with no foreground gets None for every attribute but 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -45,6 +48,9 @@ from t2i.data.shapes import (
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 FG_THRESHOLD = 40.0  # the closest colour/background pair (purple on gray) is ~95 apart
 CENTRE_STEPS = 3  # centroid-matching refinements of each candidate's centre
+BLURS = (0.0, 0.6, 1.0, 1.5)  # Gaussian blurs (sigma, image pixels) tried on each candidate template
+NOISE_SMOOTH = 16.0  # border noise (0-255 units, per channel) above which the image is smoothed first
+SMOOTH_SIGMA = 0.7  # that smoothing's Gaussian sigma, in image pixels
 _CELL = RESOLUTION / 3
 _CELL_NAMES = {rc: name for name, rc in POSITIONS.items()}
 _BG_NAMES, _BG_RGB = list(BACKGROUNDS), np.asarray(list(BACKGROUNDS.values()), np.float32)
@@ -113,6 +119,25 @@ def _reduce(a64: np.ndarray, res: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a64, "F").resize((res, res), Image.BOX), np.float32)
 
 
+@lru_cache(maxsize=64)
+def _blur_matrix(res: int, sigma: float) -> np.ndarray:
+    """(res, res) matrix of a 1-D Gaussian blur with zero padding: blurred = M @ a @ M.T."""
+    x = np.arange(res, dtype=np.float64)
+    m = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
+    radius = int(np.ceil(3 * sigma))
+    kernel_sum = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
+    return (m / kernel_sum).astype(np.float32)
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return a
+    m = _blur_matrix(a.shape[0], sigma)
+    if a.ndim == 3:
+        return np.stack([m @ a[..., c] @ m.T for c in range(a.shape[2])], axis=-1)
+    return m @ a @ m.T
+
+
 def _centroid(alpha: np.ndarray) -> np.ndarray | None:
     """(x, y) of the coverage-weighted centre, in 64-px units."""
     total = float(alpha.sum())
@@ -145,7 +170,8 @@ def _fit(alpha: np.ndarray) -> tuple[str, str, np.ndarray]:
                 if got is None:
                     break
                 centre = np.clip(centre + (target - got), 0.0, float(RESOLUTION))
-            err = float(((alpha - _template(shape, size, centre, res)) ** 2).sum())
+            template = _template(shape, size, centre, res)
+            err = min(float(((alpha - _blur(template, b)) ** 2).sum()) for b in BLURS)
             if best is None or err < best[0]:
                 best = (err, shape, size, centre)
     return best[1], best[2], best[3]
@@ -170,6 +196,9 @@ def judge(image) -> dict:
     verdict = dict.fromkeys(ATTRIBUTES)
     verdict["background"] = _BG_NAMES[bg_index]
     bg = _BG_RGB[bg_index]
+    noise = 1.4826 * float(np.median(np.abs(border - bg)))
+    if noise > NOISE_SMOOTH:  # heavy noise: average it down before thresholding
+        img = bg + _blur(img - bg, SMOOTH_SIGMA)
     dist = np.linalg.norm(img - bg, axis=2)
     mask = dist > FG_THRESHOLD
     if not mask.any():

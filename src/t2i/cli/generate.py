@@ -1,0 +1,144 @@
+"""Generate images from a latent diffusion export.
+
+    python -m t2i.cli.generate prompt="a large red circle in the top left on a white background"
+    python -m t2i.cli.generate prompts_file=prompts.txt out_dir=outputs/gen batch_size=16
+    python -m t2i.cli.generate prompt="..." mode=interpolate seed=1 seed_b=2 frames=8
+
+Options (key=value): export (default runs/tiny-ldm/export, the last `make train-ldm`), vae_export,
+prompt, prompts_file, out_dir, steps, eta, guidance_scale, sampler (ddim|ddpm), seed, batch_size,
+num_images (per prompt), mode (images|interpolate), seed_b, frames, device.
+Each image is a PNG with the prompt and settings in its metadata and a .txt of the prompt beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2i.images import save_png, to_uint8
+from t2i.pipelines.ldm import LatentDiffusionPipeline
+from t2i.pipelines.sampling import SamplerSettings
+
+
+@dataclass
+class GenerateOptions:
+    export: str = "runs/tiny-ldm/export"
+    vae_export: str | None = None
+    prompt: str | None = None
+    prompts_file: str | None = None
+    out_dir: str = "outputs/generate"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 3.0
+    sampler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 16
+    num_images: int = 1
+    mode: str = "images"
+    seed_b: int = 1
+    frames: int = 8
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_options(argv: list[str]) -> GenerateOptions:
+    fields = {f.name: f for f in dataclasses.fields(GenerateOptions)}
+    values = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"expected key=value, got {arg!r} (see --help)")
+        key, value = arg.split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"unknown option {key!r}; options: {', '.join(fields)}")
+        kind = fields[key].type
+        values[key] = (int(value) if "int" in kind and "None" not in kind else
+                       float(value) if "float" in kind else value)
+    return GenerateOptions(**values)
+
+
+def read_prompts(opts: GenerateOptions) -> list[str]:
+    if opts.prompts_file:
+        prompts = [ln.strip() for ln in Path(opts.prompts_file).read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p]
+    elif opts.prompt:
+        prompts = [opts.prompt]
+    else:
+        raise SystemExit("give prompt=... or prompts_file=...")
+    if not prompts:
+        raise SystemExit(f"{opts.prompts_file} holds no prompts")
+    return prompts
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (keeps their norm, unlike a straight line)."""
+    cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).clamp(-1, 1)
+    theta = torch.acos(cos)
+    if theta.abs() < 1e-4:
+        return (1 - w) * a + w * b
+    return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
+
+
+def _metadata(prompt: str, opts: GenerateOptions, seed: int) -> dict[str, str]:
+    return {"prompt": prompt, "settings": f"sampler={opts.sampler} steps={opts.steps} eta={opts.eta} "
+            f"guidance_scale={opts.guidance_scale} seed={seed} export={opts.export}"}
+
+
+def generate_images(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompts: list[str]) -> list[Path]:
+    settings = SamplerSettings(steps=opts.steps, eta=opts.eta, guidance_scale=opts.guidance_scale,
+                               sampler=opts.sampler)
+    jobs = [(p, k) for k in range(opts.num_images) for p in prompts]
+    out, written = Path(opts.out_dir), []
+    for start in range(0, len(jobs), opts.batch_size):
+        chunk = jobs[start: start + opts.batch_size]
+        seed = opts.seed + start  # each batch its own seed: the output does not depend on batch_size alone
+        images = to_uint8(pipe([p for p, _ in chunk], settings, seed=seed))
+        for i, ((prompt, k), image) in enumerate(zip(chunk, images)):
+            name = f"{start + i:05d}-{slug(prompt)}" + (f"-{k}" if opts.num_images > 1 else "")
+            written.append(save_png(image, out / f"{name}.png", _metadata(prompt, opts, seed)))
+            (out / f"{name}.txt").write_text(prompt + "\n", encoding="utf-8")
+    return written
+
+
+def interpolate(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompt: str) -> Path:
+    """DDIM (eta=0) maps noise to image deterministically: walk between two seeds' noises."""
+    shape = pipe.latent_shape(1)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(opts.seed))
+    b = torch.randn(shape, generator=torch.Generator().manual_seed(opts.seed_b))
+    noise = torch.cat([slerp(a, b, i / max(1, opts.frames - 1)) for i in range(opts.frames)])
+    settings = SamplerSettings(steps=opts.steps, eta=0.0, guidance_scale=opts.guidance_scale)
+    images = to_uint8(pipe([prompt] * opts.frames, settings, noise=noise))
+    strip = torch.cat(list(images), dim=2)
+    path = Path(opts.out_dir) / f"interpolate-{slug(prompt)}-{opts.seed}-{opts.seed_b}.png"
+    save_png(strip, path, _metadata(prompt, opts, opts.seed))
+    path.with_suffix(".txt").write_text(prompt + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    opts = parse_options(argv)
+    if opts.mode not in ("images", "interpolate"):
+        raise SystemExit(f"mode must be images or interpolate, got {opts.mode!r}")
+    prompts = read_prompts(opts)
+    pipe = LatentDiffusionPipeline.from_export(opts.export, opts.vae_export, device=opts.device)
+    torch.manual_seed(opts.seed)
+    if opts.mode == "interpolate":
+        print(f"wrote {interpolate(pipe, opts, prompts[0])}")
+        return
+    paths = generate_images(pipe, opts, prompts)
+    print(f"wrote {len(paths)} images to {opts.out_dir}" + ("" if len(paths) > 1 else f": {paths[0]}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Conditioning for the denoisers: the `Cond` container, classifier-free-guidance dropout and text encoders.
+
+`Cond` and `CondDropout` import without open_clip; the text encoders (which import open_clip, a few
+seconds) are loaded on first access of `OpenClipTokenizer`, `OpenClipTextEncoder` or `TextEncoding`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from t2i.conditioning.cond import Cond
+from t2i.conditioning.dropout import CondDropout
+
+if TYPE_CHECKING:
+    from t2i.conditioning.text import OpenClipTextEncoder, OpenClipTokenizer, TextEncoding
+
+__all__ = ["Cond", "CondDropout", "OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"]
+
+_LAZY = {"OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from t2i.conditioning import text
+
+        return getattr(text, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,89 @@
+"""Text-to-image with a latent diffusion export (+ the VAE export it names): prompts -> images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2i.conditioning.cond import Cond
+from t2i.diffusion import make_schedule
+from t2i.exports import ExportError, read_export
+from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
+from t2i.pipelines.build import build_from_config, load_module
+from t2i.pipelines.sampling import SamplerSettings, sample
+
+
+def text_condition(net: nn.ModuleDict, frozen_text_encoder: nn.Module | None, captions: list[str]) -> Cond:
+    """Captions -> Cond(context, mask[, pooled vector when the UNet takes one])."""
+    encoder = net["text_encoder"] if "text_encoder" in net else frozen_text_encoder  # noqa: SIM401
+    if encoder is None:
+        return Cond()
+    if encoder is frozen_text_encoder:
+        with torch.no_grad():
+            context, mask, pooled = encoder(captions)
+    else:
+        context, mask, pooled = encoder(captions)
+    vector = pooled if getattr(net["unet"], "vector_dim", None) else None
+    return Cond(context=context, context_mask=mask, vector=vector)
+
+
+class LatentDiffusionPipeline:
+    """net: ModuleDict with "unet", "cond_dropout" (its learned null is the unconditional input) and, when
+    trained jointly, "text_encoder"; a frozen text encoder is passed separately."""
+
+    def __init__(self, net: nn.ModuleDict, frozen_text_encoder: nn.Module | None,
+                 first_stage: FrozenAutoencoder | None, alphas_cumprod: torch.Tensor, prediction: str,
+                 image_size: int):
+        self.net, self.frozen_text_encoder, self.first_stage = net, frozen_text_encoder, first_stage
+        self.alphas_cumprod, self.prediction, self.image_size = alphas_cumprod, prediction, image_size
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, vae_export: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> LatentDiffusionPipeline:
+        export = read_export(export_dir, stage="ldm")
+        model = export.config["model"]
+        net = nn.ModuleDict({"unet": load_module(export, "unet", "unet"),
+                             "cond_dropout": load_module(export, "cond_dropout", "cond_dropout")})
+        frozen = None
+        if model.get("text_encoder"):
+            if any(k.startswith("text_encoder.") for k in export.state_dict()):
+                net["text_encoder"] = load_module(export, "text_encoder", "text_encoder")
+            else:  # frozen pretrained: rebuilt from its local checkpoint file
+                frozen = build_from_config(model["text_encoder"], f"{export.path}:model.text_encoder")
+        first_stage = None
+        if model.get("latents_from", "image") != "pixels":
+            vae = Path(vae_export or model["first_stage_export"])
+            if not vae.is_dir():
+                raise ExportError(f"{export_dir} needs its VAE export {vae}, which is missing (pass vae_export=)")
+            first_stage = load_autoencoder(vae)
+        ac = make_schedule(**model.get("schedule", {}))
+        pipe = cls(net.eval(), frozen, first_stage, ac, model.get("prediction", "eps"), int(model["image_size"]))
+        return pipe.to(device)
+
+    def to(self, device) -> LatentDiffusionPipeline:
+        for m in (self.net, self.frozen_text_encoder, self.first_stage):
+            if m is not None:
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net["unet"].parameters()).device
+
+    def latent_shape(self, n: int) -> tuple[int, ...]:
+        side = self.image_size // (self.first_stage.downsample_factor if self.first_stage else 1)
+        return (n, self.net["unet"].in_channels, side, side)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], settings: SamplerSettings | None = None, seed: int = 0,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W). `noise` (the x_T latents) overrides the seed."""
+        settings = settings or SamplerSettings()
+        cond = text_condition(self.net, self.frozen_text_encoder, list(prompts))
+        uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
+        gen = torch.Generator().manual_seed(seed)
+        x = sample(self.net["unet"], self.alphas_cumprod, self.prediction, self.latent_shape(len(prompts)),
+                   cond, uncond, settings, generator=gen, noise=noise)
+        return self.first_stage.decode(x) if self.first_stage is not None else x.clamp(-1, 1)

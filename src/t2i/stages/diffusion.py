@@ -1,0 +1,137 @@
+"""The diffusion stage: "denoise a target given conditioning", one training path for every system.
+
+A stage is this module plus small named pieces: where the target comes from (a frozen first stage that
+encodes images to latents, precomputed latents in the batch, or pixels), how captions become a `Cond`
+(a text encoder, trained jointly or frozen), per-key conditioning dropout for classifier-free guidance,
+the noise schedule, the parameterization and the loss weighting. EMA of the trained parts is kept in
+the module (so checkpoints hold it) and used for sample grids, validation and the export.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import torch
+from torch import nn
+
+from t2i.conditioning.cond import Cond
+from t2i.conditioning.dropout import CondDropout
+from t2i.diffusion import diffusion_loss, make_schedule
+from t2i.images import log_grid
+from t2i.nn.ema import EMA
+from t2i.pipelines.autoencoder import load_autoencoder
+from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
+from t2i.pipelines.sampling import SamplerSettings
+
+
+class DiffusionStage(L.LightningModule):
+    def __init__(self, unet: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
+                 cond_dropout: CondDropout | None = None, first_stage_export: str | None = None,
+                 latents_from: str = "image", image_size: int = 256, schedule: dict | None = None,
+                 prediction: str = "eps", loss_weighting: str = "uniform", min_snr_gamma: float = 5.0,
+                 offset_noise: float = 0.0, lr_scheduler: partial | None = None, ema_decay: float = 0.9999,
+                 ema_warmup: bool = True, sample_every_n_steps: int = 1000, sample_prompts: list | None = None,
+                 sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
+                 stage_name: str = "ldm"):
+        super().__init__()
+        if latents_from not in ("image", "batch", "pixels"):
+            raise ValueError(f"latents_from must be image, batch or pixels, got {latents_from!r}")
+        trainable_text = text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters())
+        parts = {"unet": unet, "cond_dropout": cond_dropout or CondDropout({})}
+        if trainable_text:
+            parts["text_encoder"] = text_encoder
+        self.net = nn.ModuleDict(parts)
+        self.frozen_text_encoder = None if trainable_text else text_encoder
+        self.first_stage = None
+        if latents_from != "pixels":
+            if not first_stage_export:
+                raise ValueError("latent diffusion needs first_stage_export (the VAE stage export)")
+            self.first_stage = load_autoencoder(first_stage_export)
+            if unet.in_channels != self.first_stage.latent_channels:
+                raise ValueError(f"incompatible input: the UNet takes {unet.in_channels} channels but the VAE "
+                                 f"export {first_stage_export} makes {self.first_stage.latent_channels}-channel "
+                                 f"latents; set model.unet.in_channels/out_channels to match")
+        width = getattr(text_encoder, "width", None)
+        if text_encoder is not None and getattr(unet, "context_dim", None) not in (None, width):
+            raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, the UNet "
+                             f"expects context_dim={unet.context_dim}")
+        self.register_buffer("alphas_cumprod", make_schedule(**(schedule or {})), persistent=False)
+        self.latents_from, self.image_size, self.prediction = latents_from, image_size, prediction
+        self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.ema = EMA(self.net, ema_decay, ema_warmup) if ema_decay > 0 else None
+        self.sample_every_n_steps, self.sample_prompts = sample_every_n_steps, list(sample_prompts or [])
+        self.sampler_settings, self.sample_seed = SamplerSettings(**(sampler or {})), sample_seed
+        self.samples_dir, self.stage_name = samples_dir, stage_name
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    @property
+    def inference_net(self) -> nn.ModuleDict:
+        return self.ema.module if self.ema is not None else self.net
+
+    def target(self, batch: dict) -> torch.Tensor:
+        if self.latents_from == "batch":
+            return batch["latent"].float()
+        if self.latents_from == "image":
+            return self.first_stage.encode(batch["image"]).float()
+        return batch["image"]
+
+    def condition(self, captions: list[str], net: nn.ModuleDict | None = None) -> Cond:
+        return text_condition(net if net is not None else self.net, self.frozen_text_encoder, captions)
+
+    # ---- training -------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    def _loss(self, batch: dict, net: nn.ModuleDict, generator: torch.Generator | None = None):
+        x0 = self.target(batch)
+        cond = net["cond_dropout"](self.condition(batch["caption"], net), generator=generator)
+        unet = net["unet"]
+        return diffusion_loss(lambda x, t: unet(x, t, **cond.as_kwargs()), x0, self.alphas_cumprod,
+                              self.prediction, self.loss_weighting, self.min_snr_gamma, self.offset_noise,
+                              generator=generator)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if len(batch["caption"]) == 0:  # every sample unusable: a zero step keeps DDP ranks in step
+            return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
+        loss, _ = self._loss(batch, self.net)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net)
+            self.log("train/ema_decay", self.ema.current_decay())
+        step = self.global_step
+        if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.sample_prompts:
+            self.log_samples(f"samples/step{step}")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if len(batch["caption"]) == 0:
+            return
+        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same t and noise each time
+        loss, _ = self._loss(batch, self.inference_net, generator=gen)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["caption"]))
+
+    def on_fit_end(self) -> None:
+        if self.sample_prompts:
+            self.log_samples("samples/final")
+
+    # ---- sampling and export --------------------------------------------------------------------
+    def pipeline(self) -> LatentDiffusionPipeline:
+        """The inference pipeline over the EMA weights (what the export will hold)."""
+        return LatentDiffusionPipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,
+                                       self.alphas_cumprod, self.prediction, self.image_size)
+
+    def log_samples(self, tag: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        images = self.pipeline()(self.sample_prompts, self.sampler_settings, seed=self.sample_seed)
+        log_grid(self, tag, images, self.samples_dir, nrow=min(8, len(images)))
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.inference_net.state_dict())
