@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO, tiny_overrides
+from t2i_testing import REPO, tiny_overrides
 
 from t2i.exports import read_export
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_overrides
 from safetensors.torch import load_file
+from t2i_testing import tiny_overrides
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train

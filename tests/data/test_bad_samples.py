@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import png_bytes, write_tar
+from t2i_testing import png_bytes, write_tar
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.manifest import DataError, ShardInfo, write_manifest

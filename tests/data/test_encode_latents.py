@@ -4,7 +4,7 @@ every sample is kept, and a rerun skips finished shards."""
 from __future__ import annotations
 
 import torch
-from conftest import load_data_prep
+from t2i_testing import load_data_prep
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.pipelines.autoencoder import load_autoencoder

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_ldm_overrides
 from hydra.errors import InstantiationException
+from t2i_testing import tiny_ldm_overrides
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train

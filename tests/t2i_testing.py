@@ -1,0 +1,78 @@
+"""Helpers shared by the tests (importable as `t2i_testing`; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from t2i.data.manifest import ShardInfo, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(value: int, size: int = 8, mode: str = "RGB") -> bytes:
+    arr = np.full((size, size, 3), value % 256, dtype=np.uint8)
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for name, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_shard_set(folder: Path, sizes: list[int], image_size: int = 8) -> Path:
+    """Shards with the given sample counts; sample key ``s{shard}x{i}`` with caption = key and an
+    image whose pixel value encodes its global index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    infos, g = [], 0
+    for s, n in enumerate(sizes):
+        samples = []
+        for i in range(n):
+            key = f"s{s:03d}x{i:05d}"
+            samples.append((key, {"png": png_bytes(g, image_size), "txt": key.encode()}))
+            g += 1
+        path = folder / f"shard-{s:06d}.tar"
+        write_tar(path, samples)
+        infos.append(ShardInfo(str(path), n))
+    return write_manifest(folder, infos)
+
+
+def load_data_prep(name: str):
+    """data_prep/ holds scripts, not a package: import one from its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO / "data_prep" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_overrides(shapes: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make the tiny VAE experiment run in seconds on a small shapes set."""
+    return ["experiment=tiny/vae", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", "model.autoencoder.base_channels=8",
+            "model.autoencoder.num_groups=4", "trainer.limit_val_batches=2", "logger=csv", *extra]
+
+
+def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make the tiny LDM experiment run in seconds."""
+    return ["experiment=tiny/ldm", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", f"model.first_stage_export={vae_export}",
+            "model.unet.model_channels=16", "model.unet.num_head_channels=8", "model.unet.num_groups=4",
+            "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
+            "model.unet.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
+            "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
