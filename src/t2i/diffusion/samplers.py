@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,10 +23,23 @@ X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
+_HOST_COPIES: dict[int, tuple[weakref.ref, list[float]]] = {}  # id(schedule) -> (weakref, values)
+
+
 def _alpha_bar(ac: torch.Tensor, t: int) -> float:
+    """ᾱ_t as a Python float, read from a host copy of the schedule made once per schedule tensor: a
+    read from a GPU tensor every step would synchronise the device twice per step."""
     if not -1 <= t < ac.shape[0]:
         raise IndexError(f"timestep {t} outside [-1, {ac.shape[0] - 1}]")
-    return 1.0 if t < 0 else float(ac[t])
+    if t < 0:
+        return 1.0
+    entry = _HOST_COPIES.get(id(ac))
+    if entry is None or entry[0]() is not ac:
+        if len(_HOST_COPIES) > 64:  # forget schedules that no longer exist
+            for key in [k for k, (ref, _) in _HOST_COPIES.items() if ref() is None]:
+                del _HOST_COPIES[key]
+        entry = _HOST_COPIES[id(ac)] = (weakref.ref(ac), ac.detach().double().cpu().tolist())
+    return entry[1][t]
 
 
 def _denoise(x0_fn: X0Fn, x_t: torch.Tensor, t: int, ac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

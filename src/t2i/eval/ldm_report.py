@@ -58,7 +58,13 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     scale = guidance_scale if guidance_scale is not None else config_scale
     res = pipe.image_size
     real, captions = real_images(val_manifest, res, 500)
-    results = {"oracle_on_real_validation": score(real.float() / 127.5 - 1, captions)}
+    real = real.float() / 127.5 - 1
+    results = {"oracle_on_real_validation": score(real, captions)}
+    if pipe.first_stage is not None:  # the autoencoder's own reconstructions bound what the LDM can reach
+        with torch.no_grad():
+            rec = torch.cat([pipe.first_stage.decode(pipe.first_stage.encode(real[i: i + 250].to(pipe.device)))
+                             for i in range(0, len(real), 250)])
+        results["vae_reconstructions"] = score(rec.cpu(), captions)
     prompts = heldout_prompts(num_prompts)
     for label, s in ((f"cfg{scale:g}", scale), ("cfg1", 1.0)):
         settings = SamplerSettings(steps=steps, eta=eta, guidance_scale=s)
@@ -80,6 +86,8 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     lines = ["# LDM evaluation", "", intro, "",
              "| images | n | " + " | ".join(ATTRIBUTES) + " | all |", "|---" * (len(ATTRIBUTES) + 3) + "|",
              _row("real validation images (oracle sanity)", results["oracle_on_real_validation"]),
+             *([_row("VAE reconstructions of them (ceiling)", results["vae_reconstructions"])]
+               if "vae_reconstructions" in results else []),
              _row(f"generated, CFG scale {scale:g}", results[f"cfg{scale:g}"]),
              _row("generated, CFG scale 1 (no guidance)", results["cfg1"]), "",
              f"Evaluation took {results['settings']['seconds']} s."]
