@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from t2i_testing import load_data_prep, make_shard_set, tiny_ldm_overrides, tiny_overrides
 
 
@@ -43,3 +44,12 @@ def tiny_ldm_export(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
     result = train(compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, run, "trainer.max_steps=2",
                                                      "final_validation=false")))
     return result.export_dir
+
+
+@pytest.fixture
+def single_thread():
+    """Tests of many tiny tensor ops: one intra-op thread avoids spin-wait stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

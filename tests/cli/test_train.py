@@ -56,3 +56,27 @@ def test_export_weights_equal_the_trained_model(small_shapes, tmp_path):
     ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for k, v in exported.items():
         torch.testing.assert_close(v, ckpt[k])
+
+
+def test_vae_with_discriminator_trains_both_optimizers(small_shapes, tmp_path):
+    """The GAN branch: hinge loss, adaptive weight and the discriminator's own optimizer step."""
+    disc = ["+model.discriminator._target_=t2i.nn.discriminator.PatchDiscriminator",
+            "+model.discriminator.base_channels=8", "+model.discriminator.n_layers=2",
+            "+model.disc_optimizer._target_=torch.optim.Adam", "+model.disc_optimizer._partial_=true",
+            "+model.disc_optimizer.lr=1e-4", "model.disc_start=1", "trainer.max_steps=3",
+            "final_validation=false", "export=false"]
+    result = train(compose_config(tiny_overrides(small_shapes, tmp_path / "run", *disc)))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert len(ckpt["optimizer_states"]) == 2
+    assert ckpt["optimizer_states"][1]["state"], "the discriminator optimizer never stepped"
+    assert "train/d_loss" in result.metrics and "train/g_loss" in result.metrics
+
+
+def test_limit_train_batches_moves_to_the_next_epoch(small_shapes, tmp_path):
+    result = train(compose_config(tiny_overrides(small_shapes, tmp_path / "run", "trainer.limit_train_batches=3",
+                                                 "trainer.max_steps=7", "final_validation=false", "export=false",
+                                                 "trainer.val_check_interval=null",
+                                                 "trainer.check_val_every_n_epoch=1")))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert ckpt["global_step"] == 7 and position["epoch"] == 2 and position["batch"] == 1

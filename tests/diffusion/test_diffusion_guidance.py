@@ -17,6 +17,8 @@ from t2i.diffusion.parameterization import eps_from_x0, to_x0_eps
 from t2i.diffusion.samplers import ddim_sample
 from t2i.diffusion.schedule import make_schedule
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 AC = make_schedule("scaled_linear")
 
 

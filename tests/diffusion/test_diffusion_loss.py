@@ -7,6 +7,8 @@ from t2i.diffusion.loss import diffusion_loss, loss_weights, offset_noise, sampl
 from t2i.diffusion.parameterization import q_sample, training_target
 from t2i.diffusion.schedule import make_schedule, snr
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 AC = make_schedule("linear")
 
 

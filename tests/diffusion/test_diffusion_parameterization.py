@@ -14,6 +14,8 @@ from t2i.diffusion.parameterization import (
 )
 from t2i.diffusion.schedule import make_schedule
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 AC = make_schedule("linear")
 
 

@@ -17,6 +17,8 @@ from t2i.diffusion.samplers import (
 )
 from t2i.diffusion.schedule import linear_betas, make_schedule
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 AC = make_schedule("linear")
 MU, S = 0.3, 0.5
 

@@ -17,6 +17,8 @@ from t2i.diffusion.schedule import (
     snr,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_linear_schedule_known_values():
     betas = linear_betas()

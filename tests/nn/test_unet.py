@@ -11,13 +11,7 @@ TINY = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult
         "attention_levels": (0, 1), "num_heads": 4, "context_dim": 16}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads cost 10x+."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize_zero_params(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

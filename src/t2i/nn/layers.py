@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,3 +20,14 @@ def num_groups_for(channels: int, num_groups: int = 32) -> int:
 def group_norm(channels: int, num_groups: int = 32, eps: float = 1e-6, affine: bool = True) -> nn.GroupNorm:
     """GroupNorm with LDM defaults (32 groups, eps 1e-6); the group count adapts to small ``channels``."""
     return nn.GroupNorm(num_groups_for(channels, num_groups), channels, eps=eps, affine=affine)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 ``conv`` (the VAE decoder's and the UNet's)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from t2i.nn.attention import SpatialTransformer
 from t2i.nn.embeddings import TimestepEmbedding, timestep_embedding
-from t2i.nn.layers import group_norm
+from t2i.nn.layers import Upsample, group_norm
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -86,17 +86,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 ``conv``."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.Sequential):
