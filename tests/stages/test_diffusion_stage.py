@@ -57,3 +57,11 @@ def test_missing_first_stage_export_is_a_clear_error(small_shapes, tmp_path):
     cfg = compose_config(tiny_ldm_overrides(small_shapes, tmp_path / "no-vae", tmp_path / "run"))
     with pytest.raises((FileNotFoundError, RuntimeError, InstantiationException), match="no-vae"):
         train(cfg)
+
+
+def test_ema_updates_once_per_optimizer_step(small_shapes, tiny_vae_export, tmp_path):
+    result = train(compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, tmp_path / "run",
+                                                     "trainer.max_steps=2", "trainer.accumulate_grad_batches=3",
+                                                     "final_validation=false", "export=false")))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and int(ckpt["state_dict"]["ema.num_updates"]) == 2

@@ -64,6 +64,7 @@ class DiffusionStage(L.LightningModule):
         self.sample_every_n_steps, self.sample_prompts = sample_every_n_steps, list(sample_prompts or [])
         self.sampler_settings, self.sample_seed = SamplerSettings(**(sampler or {})), sample_seed
         self.samples_dir, self.stage_name = samples_dir, stage_name
+        self._last_step_seen = -1
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -102,11 +103,18 @@ class DiffusionStage(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
+    def on_train_start(self) -> None:
+        self._last_step_seen = self.global_step  # 0, or the restored step on resume
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Once per optimizer step (not per batch: gradient accumulation runs several batches a step)."""
+        step = self.global_step
+        if step == self._last_step_seen:
+            return
+        self._last_step_seen = step
         if self.ema is not None:
             self.ema.update(self.net)
             self.log("train/ema_decay", self.ema.current_decay())
-        step = self.global_step
         if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.sample_prompts:
             self.log_samples(f"samples/step{step}")
 
