@@ -112,7 +112,8 @@ class RecipeRunner:
             print(f"[recipe] {step['name']}: config changed ({saved} -> {digest}): training")
         if not run:
             raise RecipeError(f"stage {step['name']!r} has no up-to-date export; run it first")
-        cmd = [sys.executable, "-m", "t2i.cli.train", *overrides, "ckpt_path=last"]
+        forced = step["name"] in self.force  # --force: train from scratch instead of resuming last.ckpt
+        cmd = [sys.executable, "-m", "t2i.cli.train", *overrides, *([] if forced else ["ckpt_path=last"])]
         print("[recipe] $ " + " ".join(cmd), flush=True)
         if subprocess.run(cmd, check=False).returncode != 0:
             raise RecipeError(f"stage {step['name']!r} failed (see its output above); rerun the recipe to "
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="STAGE.KEY=VALUE for one stage, KEY=VALUE for all")
     p.add_argument("--only", help="run this step only (earlier training stages must be up to date)")
-    p.add_argument("--force", action="append", default=[], help="retrain this stage even if up to date")
+    p.add_argument("--force", action="append", default=[],
+                   help="retrain this stage from scratch, even if its export is up to date")
     args = p.parse_args(argv)
     try:
         RecipeRunner(args.recipe, args.overrides, tuple(args.force)).run(args.only)
