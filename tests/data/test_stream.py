@@ -96,3 +96,18 @@ def test_images_arrive_as_float_in_range(shard_set):
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader(0, 1))), 0)
     assert batch["image"].shape == (5, 3, 8, 8) and batch["image"].dtype.is_floating_point
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_pipe_urls_stream_the_same_samples(shard_set, tmp_path):
+    """Remote shards are `pipe:` commands (WebDataset's convention); here `cat` stands in for a download."""
+    import json
+    manifest = shard_set([9, 14])
+    body = json.loads(manifest.read_text())
+    for shard in body["shards"]:
+        shard["url"] = f"pipe:cat {manifest.parent / shard['url']}"
+    piped = tmp_path / "piped" / "manifest.json"
+    piped.parent.mkdir()
+    piped.write_text(json.dumps(body))
+    local, _ = epoch_keys(manifest, 0, 1, 1, start=1)
+    remote, _ = epoch_keys(piped, 0, 1, 1, start=1)
+    assert remote == local and len(remote) == 4
