@@ -31,6 +31,7 @@ from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
 from torch import nn
 
 from t2i.conditioning.cond import Cond
+from t2i.weights import load_tensor_file
 
 _IGNORED_PREFIXES = ("visual.",)  # the image tower of a full CLIP checkpoint
 _IGNORED_KEYS = ("logit_scale", "logit_bias")
@@ -99,38 +100,8 @@ class TextEncoding(NamedTuple):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``torch.save`` file (read with ``weights_only=True``: a file
-    holding pickled objects other than tensors and plain containers is refused). A dict holding the weights
-    under ``"state_dict"`` (open_clip training checkpoints) is unwrapped; a ``module.`` prefix is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:  # skip the image tower's tensors
-            names = f.keys()  # a safe_open handle is not iterable
-            sd = {k: f.get_tensor(k) for k in names if not k.startswith(_IGNORED_PREFIXES)}
-    else:
-        try:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if type(e).__name__ == "UnpicklingError" or "weights_only" in str(e).lower():
-                raise ValueError(f"refusing to load {path}: it holds more than tensors and plain containers "
-                                 f"(loaded with weights_only=True): {e}") from e
-            raise
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__})")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    """The tensors of a CLIP checkpoint file, without its image tower (see `t2i.weights`)."""
+    return load_tensor_file(path, skip_prefixes=_IGNORED_PREFIXES)
 
 
 def _text_tower_state(sd: dict[str, torch.Tensor], tower: nn.Module, path) -> dict[str, torch.Tensor]:

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import vgg16
 
+from t2i.weights import load_tensor_file
+
 # Indices in torchvision's ``vgg16().features`` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _TAPS = (3, 8, 15, 22, 29)
 _CHANNELS = (64, 128, 256, 512, 512)
-
-
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a flat tensor dict from ``.safetensors`` or a torch file (always ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"{path}: refused to load (not a plain tensor file under weights_only=True): "
-                             f"{err}") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors (a state dict), got {type(state).__name__}")
-    return state
 
 
 def _check_keys(path: str | Path, state: dict, expected: set[str], ignored_prefixes: tuple[str, ...] = ()) -> None:
@@ -82,10 +63,10 @@ class LPIPS(nn.Module):
         """Load a torchvision vgg16 state dict (``features.N.*``; ``classifier.*`` ignored) and the ``lpips``
         package's linear-layer file (``linK.model.1.weight``), each ``.pth`` or ``.safetensors``."""
         model = cls()
-        vgg_state = load_state_file(vgg_path)
+        vgg_state = load_tensor_file(vgg_path)
         feature_keys = {f"features.{k}" for k in model.features.state_dict()}
         _check_keys(vgg_path, vgg_state, feature_keys, ignored_prefixes=("classifier.",))
-        lin_state = load_state_file(lin_path)
+        lin_state = load_tensor_file(lin_path)
         _check_keys(lin_path, lin_state, {f"lin{i}.model.1.weight" for i in range(len(_CHANNELS))})
         try:
             model.features.load_state_dict({k[len("features."):]: vgg_state[k] for k in feature_keys})
