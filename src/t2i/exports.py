@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,17 @@ class Export:
     stage: str
     config: dict
     info: dict  # the whole stage.json
+    _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def metrics(self) -> dict:
         return self.info.get("metrics", {})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / WEIGHTS)
+        """The weights, read from disk once (pipelines build several modules from one export)."""
+        if self._weights is None:
+            self._weights = load_file(self.path / WEIGHTS)
+        return self._weights
 
 
 VOLATILE_KEYS = ("ckpt_path",)  # how a run was started, not what it trains

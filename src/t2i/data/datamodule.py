@@ -59,8 +59,9 @@ class ShardDataModule(L.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def _loader(self, manifest: Manifest, train: bool, rank: int | None = None,
-                world: int | None = None) -> ResumableLoader:
+    def loader(self, manifest: Manifest, train: bool, rank: int | None = None,
+               world: int | None = None) -> ResumableLoader:
+        """A fresh loader over `manifest` (train: shuffled, equal full batches; else every sample once)."""
         r, w = self._rank_world()
         rank, world = (r if rank is None else rank), (w if world is None else world)
         workers = self.num_workers if train else self.val_num_workers
@@ -74,7 +75,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self, rank: int | None = None, world: int | None = None) -> ResumableLoader:
         self.setup("fit")
-        self.train_loader = self._loader(self.train_data, True, rank, world)
+        self.train_loader = self.loader(self.train_data, True, rank, world)
         if len(self.train_loader) == 0:
             raise ValueError(f"{self.train_manifest_path}: {self.train_data.total} samples make no full "
                              f"global batch of {self.batch_size} x {self._rank_world()[1]} ranks")
@@ -84,7 +85,7 @@ class ShardDataModule(L.LightningDataModule):
         self.setup("validate")
         if self.val_data is None:
             return []
-        return self._loader(self.val_data, False, rank, world)
+        return self.loader(self.val_data, False, rank, world)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         image = batch.get("image")

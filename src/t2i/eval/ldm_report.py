@@ -54,8 +54,8 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe = LatentDiffusionPipeline.from_export(export, device=device)
-    config_scale = pipe_guidance(export)
-    scale = guidance_scale if guidance_scale is not None else config_scale
+    trained_scale = pipe.config.get("model", {}).get("sampler", {}).get("guidance_scale", 3.0)
+    scale = float(guidance_scale if guidance_scale is not None else trained_scale)
     res = pipe.image_size
     real, captions = real_images(val_manifest, res, 500)
     real = real.float() / 127.5 - 1
@@ -95,7 +95,3 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     print("\n".join(lines))
     return results
 
-
-def pipe_guidance(export: str) -> float:
-    from t2i.exports import read_export
-    return float(read_export(export).config["model"].get("sampler", {}).get("guidance_scale", 3.0))

@@ -35,8 +35,9 @@ class LatentDiffusionPipeline:
 
     def __init__(self, net: nn.ModuleDict, frozen_text_encoder: nn.Module | None,
                  first_stage: FrozenAutoencoder | None, alphas_cumprod: torch.Tensor, prediction: str,
-                 image_size: int):
+                 image_size: int, config: dict | None = None):
         self.net, self.frozen_text_encoder, self.first_stage = net, frozen_text_encoder, first_stage
+        self.config = config or {}  # the export's training config, when loaded from one
         self.alphas_cumprod, self.prediction, self.image_size = alphas_cumprod, prediction, image_size
 
     @classmethod
@@ -59,7 +60,8 @@ class LatentDiffusionPipeline:
                 raise ExportError(f"{export_dir} needs its VAE export {vae}, which is missing (pass vae_export=)")
             first_stage = load_autoencoder(vae)
         ac = make_schedule(**model.get("schedule", {}))
-        pipe = cls(net.eval(), frozen, first_stage, ac, model.get("prediction", "eps"), int(model["image_size"]))
+        pipe = cls(net.eval(), frozen, first_stage, ac, model.get("prediction", "eps"), int(model["image_size"]),
+                   export.config)
         return pipe.to(device)
 
     def to(self, device) -> LatentDiffusionPipeline:

@@ -122,7 +122,8 @@ class AutoencoderStage(L.LightningModule):
     @torch.no_grad()
     def export_metrics(self, datamodule, max_samples: int = 2048) -> dict:
         """Latent statistics on training data: the scale that gives latents unit variance (SD's 0.18215)."""
-        loader = datamodule.train_dataloader(rank=0, world=1)
+        datamodule.setup("fit")
+        loader = datamodule.loader(datamodule.train_data, train=True, rank=0, world=1)  # not the fit loader
         total, sq, count, seen = 0.0, 0.0, 0, 0
         self.autoencoder.eval()
         gen = torch.Generator(device=self.device).manual_seed(0)
