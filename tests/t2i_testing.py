@@ -72,7 +72,7 @@ def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: st
     return ["experiment=tiny/ldm", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
             f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
             "data.min_samples_for_check=100000", f"model.first_stage_export={vae_export}",
-            "model.unet.model_channels=16", "model.unet.num_head_channels=8", "model.unet.num_groups=4",
+            "model.denoiser.model_channels=16", "model.denoiser.num_head_channels=8", "model.denoiser.num_groups=4",
             "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
-            "model.unet.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
+            "model.denoiser.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
             "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]

@@ -20,7 +20,7 @@ def test_fast_dev_run_trains_and_exports(small_shapes, tiny_vae_export, tmp_path
                                                      "trainer.fast_dev_run=true")))
     export = read_export(result.export_dir, stage="ldm")
     keys = export.state_dict().keys()
-    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    assert any(k.startswith("denoiser.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
     assert "cond_dropout.null_context" in keys
     assert result.metrics["train/loss"] > 0
 
@@ -41,14 +41,14 @@ def test_export_holds_the_ema_weights(small_shapes, tiny_vae_export, tmp_path):
                                                      "model.ema_decay=0.5", "model.ema_warmup=false")))
     ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     exported = read_export(result.export_dir).state_dict()
-    name = "unet.out.2.weight"
+    name = "denoiser.out.2.weight"
     torch.testing.assert_close(exported[name], ckpt[f"ema.module.{name}"])
     assert not torch.equal(ckpt[f"ema.module.{name}"], ckpt[f"net.{name}"])
 
 
 def test_incompatible_first_stage_is_refused(small_shapes, tiny_vae_export, tmp_path):
     cfg = compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, tmp_path / "run",
-                                            "model.unet.in_channels=3", "model.unet.out_channels=3"))
+                                            "model.denoiser.in_channels=3", "model.denoiser.out_channels=3"))
     with pytest.raises((ValueError, InstantiationException), match="incompatible input.*4-channel"):
         train(cfg)
 

@@ -25,12 +25,12 @@ def text_condition(net: nn.ModuleDict, frozen_text_encoder: nn.Module | None, ca
             context, mask, pooled = encoder(captions)
     else:
         context, mask, pooled = encoder(captions)
-    vector = pooled if getattr(net["unet"], "vector_dim", None) else None
+    vector = pooled if getattr(net["denoiser"], "vector_dim", None) else None
     return Cond(context=context, context_mask=mask, vector=vector)
 
 
 class LatentDiffusionPipeline:
-    """net: ModuleDict with "unet", "cond_dropout" (its learned null is the unconditional input) and, when
+    """net: ModuleDict with "denoiser", "cond_dropout" (its learned null is the unconditional input) and, when
     trained jointly, "text_encoder"; a frozen text encoder is passed separately."""
 
     def __init__(self, net: nn.ModuleDict, frozen_text_encoder: nn.Module | None,
@@ -45,7 +45,7 @@ class LatentDiffusionPipeline:
                     device: str | torch.device = "cpu") -> LatentDiffusionPipeline:
         export = read_export(export_dir, stage="ldm")
         model = export.config["model"]
-        net = nn.ModuleDict({"unet": load_module(export, "unet", "unet"),
+        net = nn.ModuleDict({"denoiser": load_module(export, "denoiser", "denoiser"),
                              "cond_dropout": load_module(export, "cond_dropout", "cond_dropout")})
         frozen = None
         if model.get("text_encoder"):
@@ -72,11 +72,11 @@ class LatentDiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.net["unet"].parameters()).device
+        return next(self.net["denoiser"].parameters()).device
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         side = self.image_size // (self.first_stage.downsample_factor if self.first_stage else 1)
-        return (n, self.net["unet"].in_channels, side, side)
+        return (n, self.net["denoiser"].in_channels, side, side)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SamplerSettings | None = None, seed: int = 0,
@@ -86,6 +86,6 @@ class LatentDiffusionPipeline:
         cond = text_condition(self.net, self.frozen_text_encoder, list(prompts))
         uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
         gen = torch.Generator().manual_seed(seed)
-        x = sample(self.net["unet"], self.alphas_cumprod, self.prediction, self.latent_shape(len(prompts)),
+        x = sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, self.latent_shape(len(prompts)),
                    cond, uncond, settings, generator=gen, noise=noise)
         return self.first_stage.decode(x) if self.first_stage is not None else x.clamp(-1, 1)

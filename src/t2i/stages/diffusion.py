@@ -26,7 +26,7 @@ from t2i.pipelines.sampling import SamplerSettings
 
 
 class DiffusionStage(L.LightningModule):
-    def __init__(self, unet: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
+    def __init__(self, denoiser: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
                  cond_dropout: CondDropout | None = None, first_stage_export: str | None = None,
                  latents_from: str = "image", image_size: int = 256, schedule: dict | None = None,
                  prediction: str = "eps", loss_weighting: str = "uniform", min_snr_gamma: float = 5.0,
@@ -35,27 +35,28 @@ class DiffusionStage(L.LightningModule):
                  sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
                  stage_name: str = "ldm"):
         super().__init__()
-        if latents_from not in ("image", "batch", "pixels"):
-            raise ValueError(f"latents_from must be image, batch or pixels, got {latents_from!r}")
+        if latents_from not in ("image", "batch", "pixels", None):
+            raise ValueError(f"latents_from must be image, batch, pixels or None (a subclass's own target), "
+                             f"got {latents_from!r}")
         trainable_text = text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters())
-        parts = {"unet": unet, "cond_dropout": cond_dropout or CondDropout({})}
+        parts = {"denoiser": denoiser, "cond_dropout": cond_dropout or CondDropout({})}
         if trainable_text:
             parts["text_encoder"] = text_encoder
         self.net = nn.ModuleDict(parts)
         self.frozen_text_encoder = None if trainable_text else text_encoder
         self.first_stage = None
-        if latents_from != "pixels":
+        if latents_from in ("image", "batch"):
             if not first_stage_export:
                 raise ValueError("latent diffusion needs first_stage_export (the VAE stage export)")
             self.first_stage = load_autoencoder(first_stage_export)
-            if unet.in_channels != self.first_stage.latent_channels:
-                raise ValueError(f"incompatible input: the UNet takes {unet.in_channels} channels but the VAE "
+            if denoiser.in_channels != self.first_stage.latent_channels:
+                raise ValueError(f"incompatible input: the UNet takes {denoiser.in_channels} channels but the VAE "
                                  f"export {first_stage_export} makes {self.first_stage.latent_channels}-channel "
-                                 f"latents; set model.unet.in_channels/out_channels to match")
+                                 f"latents; set model.denoiser.in_channels/out_channels to match")
         width = getattr(text_encoder, "width", None)
-        if text_encoder is not None and getattr(unet, "context_dim", None) not in (None, width):
+        if text_encoder is not None and getattr(denoiser, "context_dim", None) not in (None, width):
             raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, the UNet "
-                             f"expects context_dim={unet.context_dim}")
+                             f"expects context_dim={denoiser.context_dim}")
         self.register_buffer("alphas_cumprod", make_schedule(**(schedule or {})), persistent=False)
         self.latents_from, self.image_size, self.prediction = latents_from, image_size, prediction
         self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
@@ -72,14 +73,22 @@ class DiffusionStage(L.LightningModule):
         return self.ema.module if self.ema is not None else self.net
 
     def target(self, batch: dict) -> torch.Tensor:
+        """x0, the clean sample the denoiser learns (latents, pixels; subclasses: embeddings...)."""
         if self.latents_from == "batch":
             return batch["latent"].float()
         if self.latents_from == "image":
             return self.first_stage.encode(batch["image"]).float()
-        return batch["image"]
+        if self.latents_from == "pixels":
+            return batch["image"]
+        raise NotImplementedError(f"{type(self).__name__} must define target() (latents_from=None)")
 
-    def condition(self, captions: list[str], net: nn.ModuleDict | None = None) -> Cond:
-        return text_condition(net if net is not None else self.net, self.frozen_text_encoder, captions)
+    def condition(self, batch: dict, net: nn.ModuleDict | None = None) -> Cond:
+        """The conditioning of a batch before classifier-free-guidance dropout (captions -> text Cond)."""
+        return text_condition(net if net is not None else self.net, self.frozen_text_encoder, batch["caption"])
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["caption"])
 
     # ---- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -90,17 +99,17 @@ class DiffusionStage(L.LightningModule):
 
     def _loss(self, batch: dict, net: nn.ModuleDict, generator: torch.Generator | None = None):
         x0 = self.target(batch)
-        cond = net["cond_dropout"](self.condition(batch["caption"], net), generator=generator)
-        unet = net["unet"]
-        return diffusion_loss(lambda x, t: unet(x, t, **cond.as_kwargs()), x0, self.alphas_cumprod,
+        cond = net["cond_dropout"](self.condition(batch, net), generator=generator)
+        denoiser = net["denoiser"]
+        return diffusion_loss(lambda x, t: denoiser(x, t, **cond.as_kwargs()), x0, self.alphas_cumprod,
                               self.prediction, self.loss_weighting, self.min_snr_gamma, self.offset_noise,
                               generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if len(batch["caption"]) == 0:  # every sample unusable: a zero step keeps DDP ranks in step
+        if self.batch_size(batch) == 0:  # every sample unusable: a zero step keeps DDP ranks in step
             return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
         loss, _ = self._loss(batch, self.net)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
         return loss
 
     def on_train_start(self) -> None:
@@ -119,11 +128,11 @@ class DiffusionStage(L.LightningModule):
             self.log_samples(f"samples/step{step}")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if len(batch["caption"]) == 0:
+        if self.batch_size(batch) == 0:
             return
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same t and noise each time
         loss, _ = self._loss(batch, self.inference_net, generator=gen)
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["caption"]))
+        self.log("val/loss", loss, sync_dist=True, batch_size=self.batch_size(batch))
 
     def on_fit_end(self) -> None:
         if self.sample_prompts:
