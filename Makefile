@@ -10,7 +10,7 @@ RECIPE ?= recipes/ldm.yaml
 PROMPT ?= a large red circle in the top left on a white background
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train-vae train-ldm generate test test-slow lint bench clean
+.PHONY: help install data train-vae train-ldm train-unclip generate test test-slow lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ train-vae: data  ## train the tiny VAE on shapes on CPU and write its export (ru
 
 train-ldm: $(STAMP)  ## the main job: shapes -> VAE -> latents -> LDM -> evaluation -> samples (recipes/ldm.yaml)
 	$(PY) -m t2i.cli.recipe $(RECIPE) $(ARGS)
+
+train-unclip: $(STAMP)  ## unCLIP: shapes -> CLIP -> embeddings -> prior -> decoder -> upsampler -> evaluation (recipes/unclip.yaml)
+	$(PY) -m t2i.cli.recipe recipes/unclip.yaml $(ARGS)
 
 generate: $(STAMP)  ## images from the last train-ldm: make generate PROMPT="a large red circle in the top left on a white background"
 	$(PY) -m t2i.cli.generate prompt="$(PROMPT)" $(ARGS)

@@ -1,13 +1,18 @@
-"""Generate images from a latent diffusion export.
+"""Generate images from a latent diffusion export, or from the unCLIP stage exports.
 
     python -m t2i.cli.generate prompt="a large red circle in the top left on a white background"
     python -m t2i.cli.generate prompts_file=prompts.txt out_dir=outputs/gen batch_size=16
     python -m t2i.cli.generate prompt="..." mode=interpolate seed=1 seed_b=2 frames=8
+    python -m t2i.cli.generate pipeline=unclip prompt="a small blue square in the center on a black background"
+    python -m t2i.cli.generate pipeline=unclip image=photo.png num_images=4      # image variations
 
-Options (key=value): export (default runs/tiny-ldm/export, the last `make train-ldm`), vae_export,
-prompt, prompts_file, out_dir, steps, eta, guidance_scale, sampler (ddim|ddpm), seed, batch_size,
-num_images (per prompt), mode (images|interpolate), seed_b, frames, device.
-Each image is a PNG with the prompt and settings in its metadata and a .txt of the prompt beside it.
+Options (key=value): pipeline (ldm|unclip), export (default runs/tiny-ldm/export, the last
+`make train-ldm`), vae_export, prompt, prompts_file, out_dir, steps, eta, guidance_scale, sampler
+(ddim|ddpm), seed, batch_size, num_images (per prompt or input image), mode (images|interpolate),
+seed_b, frames, device. unCLIP (defaults: the last `make train-unclip`): prior_export, decoder_export,
+upsampler_export (none: stop at the decoder's resolution), image (a file or folder: variations),
+prior_steps, prior_guidance_scale, best_of, upsampler_steps; steps/eta/guidance_scale/sampler are the
+decoder's. Each image is a PNG with the prompt and settings in its metadata and a .txt beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from t2i.images import save_png, to_uint8
@@ -27,6 +33,7 @@ from t2i.pipelines.sampling import SamplerSettings
 
 @dataclass
 class GenerateOptions:
+    pipeline: str = "ldm"
     export: str = "runs/tiny-ldm/export"
     vae_export: str | None = None
     prompt: str | None = None
@@ -43,6 +50,14 @@ class GenerateOptions:
     seed_b: int = 1
     frames: int = 8
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    prior_export: str = "runs/tiny-prior/export"
+    decoder_export: str = "runs/tiny-decoder/export"
+    upsampler_export: str = "runs/tiny-upsampler/export"
+    image: str | None = None
+    prior_steps: int | None = None
+    prior_guidance_scale: float | None = None
+    best_of: int | None = None
+    upsampler_steps: int | None = None
 
 
 def parse_options(argv: list[str]) -> GenerateOptions:
@@ -55,8 +70,11 @@ def parse_options(argv: list[str]) -> GenerateOptions:
         if key not in fields:
             raise SystemExit(f"unknown option {key!r}; options: {', '.join(fields)}")
         kind = fields[key].type
-        values[key] = (int(value) if "int" in kind and "None" not in kind else
-                       float(value) if "float" in kind else value)
+        if value.lower() in ("none", "null") and "None" in kind:
+            values[key] = None
+            continue
+        values[key] = (int(value) if kind.startswith("int") else float(value) if kind.startswith("float")
+                       else value)
     return GenerateOptions(**values)
 
 
@@ -122,6 +140,52 @@ def interpolate(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompt: st
     return path
 
 
+def load_unclip(opts: GenerateOptions):
+    from t2i.pipelines.unclip import UnclipPipeline
+    upsampler = None if str(opts.upsampler_export).lower() in ("", "none") else opts.upsampler_export
+    pipe = UnclipPipeline.from_exports(opts.prior_export, opts.decoder_export, upsampler, device=opts.device)
+    st = pipe.settings
+    st.decoder = SamplerSettings(steps=opts.steps, eta=opts.eta, guidance_scale=opts.guidance_scale,
+                                 sampler=opts.sampler)
+    if opts.prior_steps is not None:
+        st.prior.steps = opts.prior_steps
+    if opts.prior_guidance_scale is not None:
+        st.prior.guidance_scale = opts.prior_guidance_scale
+    if opts.upsampler_steps is not None:
+        st.upsampler.steps = opts.upsampler_steps
+    if opts.best_of is not None:
+        st.best_of = opts.best_of
+    return pipe
+
+
+def read_images(path: str) -> tuple[list[Path], torch.Tensor]:
+    """A file or a folder of images -> (paths, [-1, 1] tensors (B, 3, 64, 64))."""
+    from PIL import Image
+    root = Path(path)
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) \
+        if root.is_dir() else [root]
+    if not files or not all(f.is_file() for f in files):
+        raise SystemExit(f"no images at {path}")
+    images = []
+    for f in files:
+        with Image.open(f) as img:
+            arr = torch.from_numpy(np.asarray(img.convert("RGB").resize((64, 64), Image.BICUBIC)).copy())
+        images.append(arr.permute(2, 0, 1).float() / 127.5 - 1)
+    return files, torch.stack(images)
+
+
+def generate_variations(pipe, opts: GenerateOptions) -> list[Path]:
+    files, images = read_images(opts.image)
+    variations = to_uint8(pipe.variations(images, seed=opts.seed, num_variations=opts.num_images))
+    out, written = Path(opts.out_dir), []
+    for i, image in enumerate(variations):
+        source = files[i // opts.num_images]
+        name = f"{source.stem}-variation-{i % opts.num_images}"
+        meta = {"source": str(source), "settings": f"unclip variations seed={opts.seed}"}
+        written.append(save_png(image, out / f"{name}.png", meta))
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
@@ -130,8 +194,21 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_options(argv)
     if opts.mode not in ("images", "interpolate"):
         raise SystemExit(f"mode must be images or interpolate, got {opts.mode!r}")
+    if opts.pipeline not in ("ldm", "unclip"):
+        raise SystemExit(f"pipeline must be ldm or unclip, got {opts.pipeline!r}")
+    if opts.pipeline == "unclip":
+        if opts.mode != "images":
+            raise SystemExit("pipeline=unclip supports mode=images (and image=... for variations)")
+        pipe = load_unclip(opts)
+        if opts.image:
+            paths = generate_variations(pipe, opts)
+            print(f"wrote {len(paths)} variations to {opts.out_dir}")
+            return
+    else:
+        if opts.image:
+            raise SystemExit("image variations need pipeline=unclip")
+        pipe = LatentDiffusionPipeline.from_export(opts.export, opts.vae_export, device=opts.device)
     prompts = read_prompts(opts)
-    pipe = LatentDiffusionPipeline.from_export(opts.export, opts.vae_export, device=opts.device)
     torch.manual_seed(opts.seed)
     if opts.mode == "interpolate":
         print(f"wrote {interpolate(pipe, opts, prompts[0])}")

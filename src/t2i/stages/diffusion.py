@@ -33,7 +33,7 @@ class DiffusionStage(L.LightningModule):
                  offset_noise: float = 0.0, lr_scheduler: partial | None = None, ema_decay: float = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, sample_prompts: list | None = None,
                  sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
-                 stage_name: str = "ldm"):
+                 stage_name: str = "ldm", extra_modules: dict[str, nn.Module] | None = None):
         super().__init__()
         if latents_from not in ("image", "batch", "pixels", None):
             raise ValueError(f"latents_from must be image, batch, pixels or None (a subclass's own target), "
@@ -42,6 +42,7 @@ class DiffusionStage(L.LightningModule):
         parts = {"denoiser": denoiser, "cond_dropout": cond_dropout or CondDropout({})}
         if trainable_text:
             parts["text_encoder"] = text_encoder
+        parts.update(extra_modules or {})  # a subclass's own parts (kept in the EMA and the export)
         self.net = nn.ModuleDict(parts)
         self.frozen_text_encoder = None if trainable_text else text_encoder
         self.first_stage = None
@@ -66,6 +67,7 @@ class DiffusionStage(L.LightningModule):
         self.sampler_settings, self.sample_seed = SamplerSettings(**(sampler or {})), sample_seed
         self.samples_dir, self.stage_name = samples_dir, stage_name
         self._last_step_seen = -1
+        self._reference: dict | None = None  # a few validation samples for sample grids (subclasses)
 
     # ---- pieces ---------------------------------------------------------------------------------
     @property
@@ -81,6 +83,10 @@ class DiffusionStage(L.LightningModule):
         if self.latents_from == "pixels":
             return batch["image"]
         raise NotImplementedError(f"{type(self).__name__} must define target() (latents_from=None)")
+
+    def inputs(self, batch: dict, net: nn.ModuleDict) -> tuple[torch.Tensor, Cond]:
+        """(x0, conditioning before dropout) of a batch; ``net`` is the training net or its EMA."""
+        return self.target(batch), self.condition(batch, net)
 
     def condition(self, batch: dict, net: nn.ModuleDict | None = None) -> Cond:
         """The conditioning of a batch before classifier-free-guidance dropout (captions -> text Cond)."""
@@ -98,8 +104,8 @@ class DiffusionStage(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
     def _loss(self, batch: dict, net: nn.ModuleDict, generator: torch.Generator | None = None):
-        x0 = self.target(batch)
-        cond = net["cond_dropout"](self.condition(batch, net), generator=generator)
+        x0, cond = self.inputs(batch, net)
+        cond = net["cond_dropout"](cond, generator=generator)
         denoiser = net["denoiser"]
         return diffusion_loss(lambda x, t: denoiser(x, t, **cond.as_kwargs()), x0, self.alphas_cumprod,
                               self.prediction, self.loss_weighting, self.min_snr_gamma, self.offset_noise,
@@ -124,7 +130,7 @@ class DiffusionStage(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.net)
             self.log("train/ema_decay", self.ema.current_decay())
-        if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.sample_prompts:
+        if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.can_sample():
             self.log_samples(f"samples/step{step}")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -133,12 +139,21 @@ class DiffusionStage(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same t and noise each time
         loss, _ = self._loss(batch, self.inference_net, generator=gen)
         self.log("val/loss", loss, sync_dist=True, batch_size=self.batch_size(batch))
+        if batch_idx == 0 and self._reference is None:
+            self._reference = self.reference_from(batch)
 
     def on_fit_end(self) -> None:
-        if self.sample_prompts:
+        if self.can_sample():
             self.log_samples("samples/final")
 
     # ---- sampling and export --------------------------------------------------------------------
+    def reference_from(self, batch: dict) -> dict | None:
+        """What sample grids need from the first validation batch (nothing: the LDM samples prompts)."""
+        return None
+
+    def can_sample(self) -> bool:
+        return bool(self.sample_prompts)
+
     def pipeline(self) -> LatentDiffusionPipeline:
         """The inference pipeline over the EMA weights (what the export will hold)."""
         return LatentDiffusionPipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,

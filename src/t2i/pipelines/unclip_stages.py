@@ -1,0 +1,159 @@
+"""Inference for each unCLIP stage, no Lightning: the prior (prompts -> CLIP image embeddings), the decoder
+(embeddings -> small images) and the upsampler (small -> large images). The training stages use the same
+objects for their sample grids and validation metrics; `t2i.pipelines.unclip` chains them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.conditioning.cond import Cond
+from t2i.diffusion import make_schedule
+from t2i.exports import Export, read_export
+from t2i.pipelines.build import build_from_config, load_module
+from t2i.pipelines.sampling import SamplerSettings, sample
+
+
+@torch.no_grad()
+def clip_text_condition(text_encoder: nn.Module, prompts: list[str]) -> tuple[Cond, torch.Tensor]:
+    """Captions -> (Cond(context=token states, context_mask), unit CLIP text embeddings (B, D))."""
+    context, mask, pooled = text_encoder(list(prompts))
+    return Cond(context=context, context_mask=mask), F.normalize(pooled.float(), dim=-1)
+
+
+def _net(export: Export, names: tuple[str, ...]) -> nn.ModuleDict:
+    return nn.ModuleDict({name: load_module(export, name, name) for name in names}).eval()
+
+
+def _frozen_text_encoder(export: Export) -> nn.Module | None:
+    node = export.config["model"].get("text_encoder")
+    return None if node is None else build_from_config(node, f"{export.path}:model.text_encoder").eval()
+
+
+class _StagePipeline:
+    def __init__(self, net: nn.ModuleDict, alphas_cumprod: torch.Tensor, prediction: str,
+                 text_encoder: nn.Module | None = None, config: dict | None = None):
+        self.net, self.alphas_cumprod, self.prediction = net, alphas_cumprod, prediction
+        self.text_encoder, self.config = text_encoder, config or {}
+
+    @staticmethod
+    def _schedule(export: Export) -> tuple[torch.Tensor, str]:
+        model = export.config["model"]
+        return make_schedule(**model.get("schedule", {})), model.get("prediction", "eps")
+
+    def to(self, device):
+        for m in (self.net, self.text_encoder):
+            if m is not None:
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net["denoiser"].parameters()).device
+
+
+class PriorPipeline(_StagePipeline):
+    """net: "denoiser" (PriorTransformer), "cond_dropout" (learned text null), "embedding_scale"."""
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> PriorPipeline:
+        export = read_export(export_dir, stage="prior")
+        ac, prediction = cls._schedule(export)
+        net = _net(export, ("denoiser", "cond_dropout", "embedding_scale"))
+        return cls(net, ac, prediction, _frozen_text_encoder(export), export.config).to(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], settings: SamplerSettings | None = None, seed: int = 0,
+                 best_of: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unit CLIP image embeddings (B, D): ``best_of`` samples per prompt, the one most similar to the
+        prompt's CLIP text embedding kept (DALL-E 2 samples two and keeps the higher dot product)."""
+        if best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {best_of}")
+        settings = settings or SamplerSettings()
+        text_cond, text_embed = clip_text_condition(self.text_encoder, prompts)
+        cond = text_cond.replace(vector=text_embed).repeat_interleave(best_of)
+        uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
+        scale = self.net["embedding_scale"]
+        gen = generator or torch.Generator().manual_seed(seed)
+        x = sample(self.net["denoiser"], self.alphas_cumprod, self.prediction,
+                   (len(prompts) * best_of, scale.embed_dim), cond, uncond, settings, generator=gen)
+        candidates = scale.decode(x).reshape(len(prompts), best_of, -1)
+        sims = (candidates * text_embed.to(candidates.device)[:, None]).sum(-1)
+        return candidates[torch.arange(len(prompts)), sims.argmax(1)]
+
+
+class DecoderPipeline(_StagePipeline):
+    """net: "denoiser" (ImageEmbeddingUNet), "cond_dropout" (nulls of text tokens and image embedding)."""
+
+    def __init__(self, net, alphas_cumprod, prediction, text_encoder, image_size: int, config=None):
+        super().__init__(net, alphas_cumprod, prediction, text_encoder, config)
+        self.image_size = image_size
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> DecoderPipeline:
+        export = read_export(export_dir, stage="decoder")
+        ac, prediction = cls._schedule(export)
+        net = _net(export, ("denoiser", "cond_dropout"))
+        return cls(net, ac, prediction, _frozen_text_encoder(export), int(export.config["model"]["image_size"]),
+                   export.config).to(device)
+
+    def condition(self, image_embeds: torch.Tensor, prompts: list[str] | None) -> Cond:
+        """Cond(text tokens, mask, vector=image embedding); prompts=None (image variations) gives the
+        learned null text for every sample."""
+        vector = image_embeds.float().to(self.device)
+        if self.text_encoder is None or not self.net["denoiser"].text_width:
+            return Cond(vector=vector)
+        text_cond, _ = clip_text_condition(self.text_encoder, prompts if prompts is not None else [""] * len(vector))
+        cond = text_cond.replace(vector=vector)
+        if prompts is None:
+            cond = self.net["cond_dropout"].null_like(cond).replace(vector=vector)
+        return cond
+
+    @torch.no_grad()
+    def __call__(self, image_embeds: torch.Tensor, prompts: list[str] | None = None,
+                 settings: SamplerSettings | None = None, seed: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, image_size, image_size)."""
+        settings = settings or SamplerSettings()
+        if prompts is not None and len(prompts) != len(image_embeds):
+            raise ValueError(f"{len(prompts)} prompts for {len(image_embeds)} image embeddings")
+        cond = self.condition(image_embeds, prompts)
+        uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
+        gen = generator or torch.Generator().manual_seed(seed)
+        shape = (len(image_embeds), self.net["denoiser"].in_channels, self.image_size, self.image_size)
+        return sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, shape, cond, uncond, settings,
+                      generator=gen).clamp(-1, 1)
+
+
+class UpsamplerPipeline(_StagePipeline):
+    """net: "denoiser" (NoiseLevelUNet), "degradation" (its sampling-time levels)."""
+
+    def __init__(self, net, alphas_cumprod, prediction, image_size: int, low_res: int, config=None):
+        super().__init__(net, alphas_cumprod, prediction, None, config)
+        self.image_size, self.low_res = image_size, low_res
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> UpsamplerPipeline:
+        export = read_export(export_dir, stage="upsampler")
+        ac, prediction = cls._schedule(export)
+        net = _net(export, ("denoiser", "degradation"))
+        model = export.config["model"]
+        return cls(net, ac, prediction, int(model["image_size"]), int(model["low_res"]), export.config).to(device)
+
+    @torch.no_grad()
+    def __call__(self, low: torch.Tensor, settings: SamplerSettings | None = None, seed: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Low-res images in [-1, 1] (B, 3, low_res, low_res) -> (B, 3, image_size, image_size)."""
+        if low.ndim != 4 or low.shape[-1] != self.low_res or low.shape[-2] != self.low_res:
+            raise ValueError(f"expected (B, 3, {self.low_res}, {self.low_res}) low-res images, got {tuple(low.shape)}")
+        settings = settings or SamplerSettings()
+        gen = generator or torch.Generator().manual_seed(seed)
+        degradation = self.net["degradation"].eval()
+        low_in, levels = degradation(low.float().to(self.device), generator=gen)
+        cond = Cond(vector=levels, concat=low_in)
+        shape = (len(low), self.net["denoiser"].in_channels, self.image_size, self.image_size)
+        return sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, shape, cond, None, settings,
+                      generator=gen).clamp(-1, 1)
