@@ -11,68 +11,23 @@ Train the LDM on them with ``data.array_fields=[latent.npy]`` and ``model.latent
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from t2i.data.decode import BadSample, DecodeConfig, decode_image
-from t2i.data.manifest import ShardInfo, load_manifest, write_manifest
-from t2i.data.tar_reader import read_samples
+from t2i.data.decode import DecodeConfig
+from t2i.data.derived import derive_shards
 from t2i.pipelines.autoencoder import load_autoencoder
 
 
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, fields in samples:
-            for name in sorted(fields):
-                info = tarfile.TarInfo(f"{key}.{name}")
-                info.size, info.mtime, info.mode = len(fields[name]), 0, 0o644
-                tar.addfile(info, io.BytesIO(fields[name]))
-    tmp.replace(path)
-
-
-@torch.no_grad()
-def encode_shard(vae, url: str, n: int, cfg: DecodeConfig, batch: int, device: str, out: Path) -> tuple[int, int]:
-    kept, skipped, pending = [], 0, []
-
-    def flush():
-        if not pending:
-            return
-        x = torch.stack([img for _, _, img in pending]).to(device).float().div(127.5).sub(1)
-        z = vae.encode(x).float().cpu().numpy()
-        for (key, fields, _), latent in zip(pending, z):
-            kept.append((key, {**fields, "latent.npy": _npy(latent)}))
-        pending.clear()
-
-    for raw in read_samples(url, 0, n):
-        if raw.error:
-            skipped += 1
-            continue
-        name = next((f for f in cfg.image_fields if f in raw.fields), None)
-        try:
-            if name is None:
-                raise BadSample("no image")
-            pending.append((raw.key, raw.fields, decode_image(raw.fields[name], cfg)))
-        except BadSample:
-            skipped += 1
-            continue
-        if len(pending) == batch:
-            flush()
-    flush()
-    _write_tar(out, kept)
-    return len(kept), skipped
+def latent_fn(vae, device: str):
+    """uint8 images -> ``{"latent.npy": scaled posterior means}``, as the LDM stage encodes on the fly."""
+    @torch.no_grad()
+    def compute(images: torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
+        x = images.to(device).float().div(127.5).sub(1)
+        return {"latent.npy": vae.encode(x).float().cpu().numpy()}
+    return compute
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,26 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     vae = load_autoencoder(args.vae).to(args.device)
-    manifest = load_manifest(args.shards)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = DecodeConfig(resolution=args.resolution, caption_required=False)
-    infos, start = [], time.time()
-    for i, shard in enumerate(manifest.shards):
-        target = out / Path(shard.url).name
-        done = out / (target.name + ".done.json")
-        if target.is_file() and done.is_file():
-            count = json.loads(done.read_text())["kept"]
-            print(f"[{i + 1}/{len(manifest.shards)}] {target.name}: done earlier ({count} samples)")
-        else:
-            count, skipped = encode_shard(vae, shard.url, shard.num_samples, cfg, args.batch, args.device, target)
-            done.write_text(json.dumps({"kept": count, "skipped": skipped}))
-            print(f"[{i + 1}/{len(manifest.shards)}] {target.name}: {count} encoded, {skipped} skipped, "
-                  f"{time.time() - start:.0f}s")
-        infos.append(ShardInfo(str(target), count))
-    write_manifest(out, infos, source=str(manifest.source), vae=str(Path(args.vae).resolve()),
-                   latent_field="latent.npy")
-    print(f"manifest: {out / 'manifest.json'}")
+    derive_shards(args.shards, args.out, latent_fn(vae, args.device), cfg, args.batch,
+                  vae=str(Path(args.vae).resolve()), latent_field="latent.npy")
 
 
 if __name__ == "__main__":

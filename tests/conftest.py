@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from t2i_testing import load_data_prep, make_shard_set, tiny_ldm_overrides, tiny_overrides
+from t2i_testing import (
+    load_data_prep,
+    make_shard_set,
+    tiny_clip_overrides,
+    tiny_ldm_overrides,
+    tiny_overrides,
+)
 
 
 @pytest.fixture
@@ -43,6 +49,17 @@ def tiny_ldm_export(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ldm")
     result = train(compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, run, "trainer.max_steps=2",
                                                      "final_validation=false")))
+    return result.export_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_export(small_shapes, tmp_path_factory) -> Path:
+    """A CLIP stage export (1-layer, 32-wide, embed_dim 32) trained 2 steps on `small_shapes`."""
+    from t2i.cli.config import compose_config
+    from t2i.cli.train import train
+    run = tmp_path_factory.mktemp("clip")
+    result = train(compose_config(tiny_clip_overrides(small_shapes, run, "trainer.max_steps=2",
+                                                      "final_validation=false")))
     return result.export_dir
 
 

@@ -76,3 +76,17 @@ def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: st
             "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
             "model.denoiser.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
             "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
+
+
+TINY_CLIP_CONFIG = ("{embed_dim:32,quick_gelu:false,"
+                    "vision_cfg:{image_size:32,patch_size:8,width:32,layers:1,head_width:16,mlp_ratio:2.0},"
+                    "text_cfg:{context_length:24,vocab_size:49408,width:32,heads:2,layers:1,mlp_ratio:2.0}}")
+
+
+def tiny_clip_overrides(shapes: Path, run_dir: Path, *extra: str, experiment: str = "tiny/clip") -> list[str]:
+    """Overrides that make a CLIP experiment (tiny/clip, or clip/pretrained) run in seconds on a small
+    shapes set: a 1-layer, 32-wide CLIP (embed_dim 32) on 32px images."""
+    return [f"experiment={experiment}", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.resolution=32", "data.batch_size=16", "data.num_workers=0",
+            "data.pin_memory=false", "data.min_samples_for_check=100000", "model.arch=null",
+            f"model.clip_config={TINY_CLIP_CONFIG}", "trainer.limit_val_batches=2", "logger=csv", *extra]

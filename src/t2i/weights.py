@@ -42,3 +42,16 @@ def load_tensor_file(path: str | Path, skip_prefixes: tuple[str, ...] = ()) -> d
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.startswith(skip_prefixes)} if skip_prefixes else sd
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], module: torch.nn.Module, what: str, source) -> None:
+    """Raise a ValueError naming every missing key, unexpected key and shape mismatch of `sd` against
+    ``module.state_dict()`` (a strict load that says everything that is wrong at once)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad_shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or bad_shapes:
+        raise ValueError(f"checkpoint {source} does not match {what}: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {bad_shapes}")

@@ -1,7 +1,8 @@
 """Conditioning for the denoisers: the `Cond` container, classifier-free-guidance dropout and text encoders.
 
 `Cond` and `CondDropout` import without open_clip; the text encoders (which import open_clip, a few
-seconds) are loaded on first access of `OpenClipTokenizer`, `OpenClipTextEncoder` or `TextEncoding`.
+seconds) are loaded on first access of `OpenClipTokenizer`, `OpenClipTextEncoder`, `TextEncoding` or
+`ClipImageEncoder`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
 
 if TYPE_CHECKING:
+    from t2i.conditioning.clip import ClipImageEncoder
     from t2i.conditioning.text import OpenClipTextEncoder, OpenClipTokenizer, TextEncoding
 
-__all__ = ["Cond", "CondDropout", "OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"]
+__all__ = ["ClipImageEncoder", "Cond", "CondDropout", "OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"]
 
 _LAZY = {"OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"}
 
@@ -24,4 +26,8 @@ def __getattr__(name: str):
         from t2i.conditioning import text
 
         return getattr(text, name)
+    if name == "ClipImageEncoder":
+        from t2i.conditioning import clip
+
+        return clip.ClipImageEncoder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

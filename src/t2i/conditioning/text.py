@@ -30,8 +30,11 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
 from torch import nn
 
+from t2i.conditioning.clip import STAGE as CLIP_STAGE
+from t2i.conditioning.clip import clip_export_model_config
 from t2i.conditioning.cond import Cond
-from t2i.weights import load_tensor_file
+from t2i.exports import Export, read_export
+from t2i.weights import check_state_dict, load_tensor_file
 
 _IGNORED_PREFIXES = ("visual.",)  # the image tower of a full CLIP checkpoint
 _IGNORED_KEYS = ("logit_scale", "logit_bias")
@@ -109,14 +112,7 @@ def _text_tower_state(sd: dict[str, torch.Tensor], tower: nn.Module, path) -> di
     if "token_embedding.weight" not in sd and any(k.startswith("text.") for k in sd):
         sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}  # CustomTextCLIP layout
     sd = {k: v for k, v in sd.items() if not k.startswith(_IGNORED_PREFIXES) and k not in _IGNORED_KEYS}
-    expected = tower.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    bad_shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                        for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or bad_shapes:
-        raise ValueError(f"checkpoint {path} does not match the text tower: missing keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {bad_shapes}")
+    check_state_dict(sd, tower, "the text tower", path)
     return sd
 
 
@@ -130,6 +126,9 @@ class OpenClipTextEncoder(nn.Module):
     parameters have ``requires_grad=False``, it stays in eval mode whatever ``.train()`` says, and it runs
     under ``torch.no_grad()``. ``context_length`` may be shorter than the model's (77): thanks to the causal
     mask the states of the kept tokens are unchanged.
+
+    ``OpenClipTextEncoder.from_clip_export(export_dir)`` is the FROZEN text tower of a CLIP stage export
+    (unCLIP's CLIP), built from the export's open_clip model config and loaded strictly from its weights.
 
     ``OpenClipTextEncoder.from_config(...)`` builds a randomly initialised TRAINABLE tower (the LDM paper's
     τθ, trained jointly with the UNet) from the same open_clip ``TextTransformer``.
@@ -169,8 +168,12 @@ class OpenClipTextEncoder(nn.Module):
         if self.tokenizer.vocab_size > tower.vocab_size:
             raise ValueError(f"vocab_size {tower.vocab_size} < the tokenizer's {self.tokenizer.vocab_size}")
         if self.frozen:
-            self.tower.requires_grad_(False)
-            self.tower.eval()
+            self._freeze()
+
+    def _freeze(self) -> None:
+        self.frozen = True
+        self.tower.requires_grad_(False)
+        self.tower.eval()
 
     @staticmethod
     def _build_tower(arch: str, force_quick_gelu: bool) -> tuple[TextTransformer, dict]:
@@ -178,6 +181,11 @@ class OpenClipTextEncoder(nn.Module):
         if cfg is None:
             raise ValueError(f"unknown open_clip model {arch!r} (open_clip.list_models() lists them; register "
                              f"your own with open_clip.add_model_config)")
+        return OpenClipTextEncoder._tower_from_model_config(cfg, arch, force_quick_gelu)
+
+    @staticmethod
+    def _tower_from_model_config(cfg: dict, arch: str, force_quick_gelu: bool = False
+                                 ) -> tuple[TextTransformer, dict]:
         text_cfg = CLIPTextCfg(**cfg["text_cfg"])
         if text_cfg.hf_model_name or text_cfg.hf_tokenizer_name or text_cfg.embed_cls:
             raise ValueError(f"{arch}: only open_clip's own causal text transformer with the CLIP BPE "
@@ -198,6 +206,19 @@ class OpenClipTextEncoder(nn.Module):
                                 layers=layers, mlp_ratio=mlp_ratio, output_dim=output_dim,
                                 act_layer=QuickGELU if quick_gelu else nn.GELU)
         return cls(tower=tower, layer=layer, penultimate_ln=penultimate_ln)
+
+    @classmethod
+    def from_clip_export(cls, export_dir: str | Path | Export, layer: str = "last",
+                         context_length: int | None = None, penultimate_ln: bool = True) -> OpenClipTextEncoder:
+        """The FROZEN text tower of a CLIP stage export (``stage="clip"``): built from the export's open_clip
+        model config and loaded strictly from its weights; ``pooled`` is the export's ``encode_text``."""
+        export = export_dir if isinstance(export_dir, Export) else read_export(export_dir, CLIP_STAGE)
+        tower, tokenizer_kwargs = cls._tower_from_model_config(clip_export_model_config(export), str(export.path))
+        tower.load_state_dict(_text_tower_state(export.state_dict(), tower, export.path), strict=True)
+        encoder = cls(tower=tower, layer=layer, penultimate_ln=penultimate_ln, context_length=context_length)
+        encoder.tokenizer = OpenClipTokenizer(encoder.context_length, **tokenizer_kwargs)
+        encoder._freeze()
+        return encoder
 
     # ------------------------------------------------------------------ properties
     @property
