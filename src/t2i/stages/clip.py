@@ -136,7 +136,8 @@ class ClipStage(L.LightningModule):
         img, txt = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         captions = [t for c in chunks for t in c[2]]
         self.retrieval = {**retrieval_recall(img, txt, captions), "samples": len(captions)}
-        self.log_dict({f"val/{k}": float(v) for k, v in self.retrieval.items()}, prog_bar=False)
+        # every rank computed the same numbers from the same gathered embeddings
+        self.log_dict({f"val/{k}": float(v) for k, v in self.retrieval.items()}, sync_dist=True)
 
     # ---- export -------------------------------------------------------------------------------
     def export_state_dict(self) -> dict[str, torch.Tensor]:
