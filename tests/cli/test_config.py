@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from t2i.cli.config import compose_config, config_dir
+from t2i.exports import read_export
 
 EXPERIMENTS = sorted(str(p.relative_to(config_dir() / "experiment").with_suffix(""))
                      for p in (config_dir() / "experiment").rglob("*.yaml"))
@@ -20,16 +21,21 @@ def test_experiments_are_found():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_vae_export):
+def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_vae_export, tiny_clip_export):
     """Every network of every experiment is built (real sizes on the meta device: no memory, no time);
     tiny experiments build their whole stage. Paths a user must supply (shards, a pretrained text tower
-    file) are the only missing values."""
+    file, a CLIP stage export) are the only missing values."""
     cfg = compose_config([f"experiment={experiment}", f"run_dir={tmp_path}",
                           "data.train_manifest=/nonexistent/train", "trainer.accelerator=cpu", "trainer.devices=1"])
     if "first_stage_export" in list(cfg.model.keys()):
         cfg.model.first_stage_export = str(tiny_vae_export)
     missing = sorted(_missing_keys(cfg))
-    assert all(k.endswith("checkpoint_path") for k in missing), missing
+    assert all(k.endswith(("checkpoint_path", "text_encoder.export_dir")) for k in missing), missing
+    if experiment.startswith("tiny/") and "export_dir" in (cfg.model.get("text_encoder") or {}):
+        export = read_export(tiny_clip_export)  # the tiny CLIP the unCLIP stages read, at the test's widths
+        cfg.model.text_encoder.export_dir = str(tiny_clip_export)
+        cfg.model.denoiser.embed_dim = int(export.metrics["embed_dim"])
+        cfg.model.denoiser.text_width = int(export.config["model"]["clip_config"]["text_cfg"]["width"])
     for key, node in cfg.model.items():
         if OmegaConf.is_dict(node) and "_target_" in node and not any(m.startswith(f"model.{key}.") for m in missing):
             with torch.device("meta"):

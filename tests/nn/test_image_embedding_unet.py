@@ -99,3 +99,21 @@ def test_mismatched_widths_are_refused():
                 context_dim=16, vector_dim=6, num_groups=4)
     with pytest.raises(ValueError, match="vector_dim"):
         ImageEmbeddingUNet(unet, embed_dim=7)
+
+
+def test_coordinate_channels_reach_the_unet(single_thread):
+    from t2i.nn.image_embedding_unet import coordinate_grid
+    unet = UNet(3, 3, 16, channel_mult=(1,), num_res_blocks=1, attention_levels=(), num_head_channels=8,
+                context_dim=16, vector_dim=6, concat_channels=2, num_groups=4)
+    net = ImageEmbeddingUNet(unet, embed_dim=6, coordinate_channels=True)
+    seen = {}
+    hook = unet.register_forward_pre_hook(lambda _m, _a, kw: seen.update(kw), with_kwargs=True)
+    net(torch.randn(2, 3, 4, 4), 5, vector=torch.randn(2, 6))
+    hook.remove()
+    grid = seen["concat"]
+    assert grid.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(grid[0, 0, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # y down the rows
+    torch.testing.assert_close(grid[0, 1, 0, :], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x along a row
+    torch.testing.assert_close(coordinate_grid(torch.zeros(1, 3, 4, 4)), grid[:1])
+    with pytest.raises(ValueError, match="concat_channels"):
+        ImageEmbeddingUNet(unet, embed_dim=6, coordinate_channels=False)

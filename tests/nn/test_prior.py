@@ -84,3 +84,10 @@ def test_bad_inputs_are_refused(prior):
         prior(x, t, torch.randn(3, 7, 12), None, vec)
     with pytest.raises(ValueError, match="image embeddings"):
         prior(torch.randn(3, 9), t, ctx, mask, vec)
+
+
+def test_trimming_padding_changes_nothing(prior):
+    """The trailing tokens sit at fixed positions, so cutting the padded tail of the text is exact."""
+    x, t, ctx, _, vec = _inputs()
+    mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 2 + [False] * 4, [True] + [False] * 5])
+    torch.testing.assert_close(prior(x, t, ctx[:, :3], mask[:, :3], vec), prior(x, t, ctx, mask, vec))

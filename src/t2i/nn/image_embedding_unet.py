@@ -1,6 +1,10 @@
 """The unCLIP decoder network (Ramesh et al. 2022, sec. 2.2): the shared UNet conditioned on a CLIP image
 embedding, which is both projected and added to the timestep embedding (the UNet's vector path) and
 projected into ``num_image_tokens`` (4) extra context tokens concatenated beside the caption's text tokens.
+
+``coordinate_channels=True`` feeds two extra input channels holding each pixel's (y, x) in [-1, 1]
+(CoordConv, Liu et al. 2018) through the UNet's concat input: convolutions alone see absolute position only
+through the zero padding at the border, and a decoder must place what the embedding describes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ class ImageEmbeddingUNet(nn.Module):
     writes it) and is scaled by ``sqrt(embed_dim)`` inside. ``text_width=None`` builds a decoder without
     text tokens (image embedding only)."""
 
-    def __init__(self, unet: UNet, embed_dim: int, text_width: int | None = None, num_image_tokens: int = 4):
+    def __init__(self, unet: UNet, embed_dim: int, text_width: int | None = None, num_image_tokens: int = 4,
+                 coordinate_channels: bool = False):
         super().__init__()
+        if unet.concat_channels != (2 if coordinate_channels else 0):
+            raise ValueError(f"the UNet's concat_channels must be {2 if coordinate_channels else 0} "
+                             f"(coordinate_channels={coordinate_channels}), got {unet.concat_channels}")
+        self.coordinate_channels = coordinate_channels
         if unet.vector_dim != embed_dim:
             raise ValueError(f"the UNet's vector_dim ({unet.vector_dim}) must equal the CLIP embed_dim ({embed_dim})")
         if unet.context_dim is None:
@@ -79,6 +88,19 @@ class ImageEmbeddingUNet(nn.Module):
             got = None if vector is None else tuple(vector.shape)
             raise ValueError(f"the CLIP image embedding (vector) of shape {(x.shape[0], self.embed_dim)} is "
                              f"required, got {got}")
+        if concat is not None:
+            raise ValueError("the decoder takes no concat input")
         embed = vector.to(self.image_tokens.weight.dtype) * math.sqrt(self.embed_dim)
         tokens, mask = self.context_tokens(embed, context, context_mask)
+        if self.coordinate_channels:
+            concat = coordinate_grid(x)
         return self.unet(x, t, context=tokens, context_mask=mask, vector=embed, concat=concat)
+
+
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each pixel's (y, x) centre in [-1, 1]."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+    return grid[None].expand(b, -1, -1, -1)

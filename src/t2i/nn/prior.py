@@ -62,8 +62,9 @@ class PriorBlock(nn.Module):
 class PriorTransformer(nn.Module):
     """Denoiser of CLIP image embeddings ``(B, embed_dim)``; see the module docstring.
 
-    ``text_width``: width of the text token states (the CLIP text tower's); ``max_text_tokens`` bounds L
-    (learned positions cover ``max_text_tokens + 4``). ``vector`` is the caption's CLIP text embedding
+    ``text_width``: width of the text token states (the CLIP text tower's); ``max_text_tokens`` bounds L.
+    Learned positions: text token i at i, the 4 trailing tokens always at ``max_text_tokens + j``, so a
+    batch may trim its padding (any L) without moving them. ``vector`` is the caption's CLIP text embedding
     (``embed_dim`` wide).
     """
 
@@ -114,7 +115,8 @@ class PriorTransformer(nn.Module):
         if context_mask is None:
             context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         h = self.tokens(x, t, context, vector)
-        h = h + self.positional_embedding[: h.shape[1]].to(h.dtype)
+        pos = self.positional_embedding  # text tokens at 0..L-1; the 4 trailing tokens at fixed positions
+        h = h + torch.cat([pos[: context.shape[1]], pos[self.max_text_tokens:]]).to(h.dtype)
         mask = prior_attention_mask(context_mask)
         for block in self.blocks:
             h = block(h, mask)

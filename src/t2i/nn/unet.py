@@ -116,7 +116,9 @@ class UNet(nn.Module):
     """Denoiser ``(x, t, context, ...) -> (B, out_channels, H, W)``; see the module docstring for naming.
 
     Args mirror openaimodel: ``attention_levels`` are the level indices that get SpatialTransformers
-    (the middle block always has one); heads come from ``num_heads`` (head width ``ch // num_heads``)
+    (and the middle block, unless ``middle_attention=False``: a purely convolutional UNet, e.g. a
+    super-resolution model trained on crops and sampled at full size, where attention over a larger grid
+    than in training would shift its features); heads come from ``num_heads`` (head width ``ch // num_heads``)
     unless ``num_head_channels > 0`` (``ch // num_head_channels`` heads). ``context_dim=None`` gives
     self-attention-only transformers. ``vector_dim`` adds an MLP-projected conditioning vector (pooled text,
     CLIP image embedding, noise-augmentation level...) to the time embedding. ``concat_channels`` extra
@@ -129,7 +131,8 @@ class UNet(nn.Module):
                  transformer_depth: int | Sequence[int] = 1, context_dim: int | None = None,
                  use_linear_projection: bool = False, vector_dim: int | None = None, concat_channels: int = 0,
                  resblock_updown: bool = False, use_scale_shift_norm: bool = False, dropout: float = 0.0,
-                 num_groups: int = 32, gradient_checkpointing: bool = False, efficient: bool = False):
+                 num_groups: int = 32, gradient_checkpointing: bool = False, efficient: bool = False,
+                 middle_attention: bool = True):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult:
@@ -191,7 +194,8 @@ class UNet(nn.Module):
                 self.input_blocks.append(EmbedSequential(down(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = EmbedSequential(res(ch, ch), attn(ch, depths[-1]), res(ch, ch))
+        middle = [res(ch, ch), attn(ch, depths[-1]), res(ch, ch)] if middle_attention else [res(ch, ch), res(ch, ch)]
+        self.middle_block = EmbedSequential(*middle)
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(levels)):

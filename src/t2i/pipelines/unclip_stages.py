@@ -19,9 +19,14 @@ from t2i.pipelines.sampling import SamplerSettings, sample
 
 @torch.no_grad()
 def clip_text_condition(text_encoder: nn.Module, prompts: list[str]) -> tuple[Cond, torch.Tensor]:
-    """Captions -> (Cond(context=token states, context_mask), unit CLIP text embeddings (B, D))."""
+    """Captions -> (Cond(context=token states, context_mask), unit CLIP text embeddings (B, D)).
+
+    The tokens are cut after the batch's longest caption: the tower is causal, so the states of real tokens
+    do not depend on the padding, and later networks attend to less of it."""
     context, mask, pooled = text_encoder(list(prompts))
-    return Cond(context=context, context_mask=mask), F.normalize(pooled.float(), dim=-1)
+    length = max(int(mask.sum(1).max()), 1)
+    return (Cond(context=context[:, :length], context_mask=mask[:, :length]),
+            F.normalize(pooled.float(), dim=-1))
 
 
 def _net(export: Export, names: tuple[str, ...]) -> nn.ModuleDict:

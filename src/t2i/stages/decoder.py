@@ -47,7 +47,11 @@ class DecoderStage(DiffusionStage):
         return DecoderPipeline(self.inference_net, self.alphas_cumprod, self.prediction, self.frozen_text_encoder,
                                self.image_size)
 
-    def reference_from(self, batch: dict) -> dict:
+    uses_reference = True
+
+    def reference_from(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
         n = min(GRID_SAMPLES, self.batch_size(batch))
         return {"clip_img": batch["clip_img"][:n].detach().cpu(), "caption": list(batch["caption"][:n]),
                 "image": batch["image"][:n].detach().cpu()}

@@ -120,6 +120,17 @@ class DiffusionStage(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_step_seen = self.global_step  # 0, or the restored step on resume
+        if self._reference is None and self.uses_reference and self.trainer.is_global_zero:
+            self._reference = self.reference_from(self._first_validation_batch())
+
+    def _first_validation_batch(self) -> dict | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or getattr(dm, "val_data", None) is None:
+            return None
+        for batch in dm.loader(dm.val_data, train=False, rank=0, world=1):
+            if self.batch_size(batch):
+                return dm.on_after_batch_transfer(batch, 0)
+        return None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Once per optimizer step (not per batch: gradient accumulation runs several batches a step)."""
@@ -139,7 +150,7 @@ class DiffusionStage(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same t and noise each time
         loss, _ = self._loss(batch, self.inference_net, generator=gen)
         self.log("val/loss", loss, sync_dist=True, batch_size=self.batch_size(batch))
-        if batch_idx == 0 and self._reference is None:
+        if batch_idx == 0 and self._reference is None and self.uses_reference:
             self._reference = self.reference_from(batch)
 
     def on_fit_end(self) -> None:
@@ -147,7 +158,9 @@ class DiffusionStage(L.LightningModule):
             self.log_samples("samples/final")
 
     # ---- sampling and export --------------------------------------------------------------------
-    def reference_from(self, batch: dict) -> dict | None:
+    uses_reference = False  # sample grids from a few validation samples (decoder, upsampler)
+
+    def reference_from(self, batch: dict | None) -> dict | None:
         """What sample grids need from the first validation batch (nothing: the LDM samples prompts)."""
         return None
 

@@ -67,7 +67,11 @@ class UpsamplerStage(DiffusionStage):
         return UpsamplerPipeline(self.inference_net, self.alphas_cumprod, self.prediction, self.image_size,
                                  self.low_res)
 
-    def reference_from(self, batch: dict) -> dict:
+    uses_reference = True
+
+    def reference_from(self, batch: dict | None) -> dict | None:
+        if batch is None:
+            return None
         return {"image": batch["image"][:GRID_SAMPLES].detach().float().cpu()}
 
     def can_sample(self) -> bool:
