@@ -183,3 +183,9 @@ def test_bad_arguments(tiny_clip):
         OpenClipTextEncoder(TINY_ARCH, path, layer="first")
     with pytest.raises(FileNotFoundError):
         OpenClipTextEncoder(TINY_ARCH, path.with_name("nope.pt"))
+
+
+def test_hub_model_names_are_refused(tmp_path):
+    """A name that would make open_clip fetch a config over the network is an error, never a download."""
+    with pytest.raises(ValueError, match="hf-hub"):
+        OpenClipTextEncoder("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", tmp_path / "none.bin")

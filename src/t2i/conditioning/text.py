@@ -177,6 +177,10 @@ class OpenClipTextEncoder(nn.Module):
 
     @staticmethod
     def _build_tower(arch: str, force_quick_gelu: bool) -> tuple[TextTransformer, dict]:
+        if ":" in arch:  # "hf-hub:..." would fetch a config from the network, "local-dir:..." runs its json
+            raise ValueError(f"open_clip model {arch!r}: only registered config names are used (no hf-hub: or "
+                             f"local-dir: names; nothing is downloaded); register a config with "
+                             f"open_clip.add_model_config")
         cfg = get_model_config(arch)
         if cfg is None:
             raise ValueError(f"unknown open_clip model {arch!r} (open_clip.list_models() lists them; register "

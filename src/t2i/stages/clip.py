@@ -37,7 +37,7 @@ class ClipStage(L.LightningModule):
     Images go through `t2i.conditioning.clip.clip_preprocess` (the one preprocessing `ClipImageEncoder`
     uses too). Under DDP the loss uses every rank's features (local loss, gathered with gradient); a batch
     that lost samples to skipping is trimmed to the smallest batch across ranks, since the gather needs
-    equal sizes. Validation is zero-shot retrieval over the validation set (up to ``val_max_samples``):
+    equal sizes (the trimmed samples are counted in ``train/samples_trimmed``). Validation is zero-shot retrieval over the validation set (up to ``val_max_samples``):
     ``val/i2t_r1``, ``val/i2t_r5``, ``val/t2i_r1``, ``val/t2i_r5``, where a retrieved item is correct when
     its caption equals the query's caption (shapes has many samples with identical captions, see
     `t2i.eval.retrieval.retrieval_recall`), and ``val/loss`` (the contrastive loss within each batch).
@@ -104,6 +104,8 @@ class ClipStage(L.LightningModule):
         scale = self.clip.logit_scale.exp()
         loss = self.loss_fn(img, txt, scale.float())
         self.log_dict({"train/loss": loss, "train/logit_scale": scale}, prog_bar=True, batch_size=n)
+        # samples left out to equalise the gathered batch under DDP (only after skips): counted, not silent
+        self.log("train/samples_trimmed", float(len(batch["caption"]) - n), reduce_fx="sum", batch_size=n)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
