@@ -113,6 +113,15 @@ def test_efficient_layout():
     assert type(model.input_blocks[1][0]).__name__ == "Downsample"  # downsample before level 0's blocks
     assert type(model.output_blocks[-1][-1]).__name__ == "Upsample"  # upsample after the last level
     assert len(model.output_blocks) == 2 + 3
+    seen = []
+    hook = model.full_res_block.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    x, t, context = inputs()
+    model(x, t, context)
+    hook.remove()
+    conv_in = model.input_blocks[0][0](x)  # the full-resolution features reach the last block
+    assert seen[0].shape[-2:] == x.shape[-2:]
+    torch.testing.assert_close(seen[0][:, -conv_in.shape[1]:], conv_in / 2 ** 0.5)
+    assert make().full_res_block is None
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 4, 6, 6), torch.zeros(1), torch.randn(1, 2, 16))
 

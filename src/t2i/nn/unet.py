@@ -7,8 +7,11 @@ Module layout and parameter names follow CompVis ``ldm/modules/diffusionmodules/
 
 ``efficient=True`` enables the Imagen Efficient U-Net changes (Saharia et al. 2022): skip connections scaled
 by ``1/sqrt(2)``; every level, the first included, downsamples *before* its residual blocks and upsamples
-after them, so no residual block runs at full resolution (``downsample_factor = 2 ** levels``; ``conv_in``
-is not a skip). More residual blocks at low resolution come from a per-level ``num_res_blocks``.
+after them, so the levels' residual blocks never run at full resolution (``downsample_factor = 2 ** levels``).
+One full-resolution residual block (``full_res_block``) then merges the upsampled features with ``conv_in``'s
+output, as imagen-pytorch's ``init_conv_to_final_conv_residual`` + ``final_res_block``: without a full-resolution
+path the network cannot predict per-pixel noise (an SR model trained without it sampled pure noise). More
+residual blocks at low resolution come from a per-level ``num_res_blocks``.
 """
 
 from __future__ import annotations
@@ -208,6 +211,8 @@ class UNet(nn.Module):
                     layers.append(up(ch))
                 self.output_blocks.append(EmbedSequential(*layers))
 
+        # efficient: the one full-resolution block, over [upsampled features, conv_in's features / sqrt(2)]
+        self.full_res_block = EmbedSequential(res(ch + model_channels, ch)) if efficient else None
         self.out = nn.Sequential(group_norm(ch, num_groups), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
@@ -266,9 +271,13 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, context_mask)
             if i > 0 or not self.efficient:
                 skips.append(h)
+            else:
+                full_res = h  # conv_in's output
         h = self._run(self.middle_block, h, emb, context, context_mask)
         for block in self.output_blocks:
             skip = skips.pop()
             h = torch.cat([h, skip * (1 / math.sqrt(2)) if self.efficient else skip], dim=1)
             h = self._run(block, h, emb, context, context_mask)
+        if self.full_res_block is not None:
+            h = self._run(self.full_res_block, torch.cat([h, full_res * (1 / math.sqrt(2))], dim=1), emb, None, None)
         return self.out(h)
