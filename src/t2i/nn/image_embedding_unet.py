@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
-from t2i.nn.unet import UNet
+from t2i.nn.unet import UNet, UNetWrapper
 
 
-class ImageEmbeddingUNet(nn.Module):
+class ImageEmbeddingUNet(UNetWrapper):
     """``forward(x, t, context=text tokens (B, L, text_width) | None, context_mask, vector=CLIP image
     embedding (B, embed_dim), concat)``. The embedding is expected L2-normalised (as data_prep/embed_clip.py
     writes it) and is scaled by ``sqrt(embed_dim)`` inside. ``text_width=None`` builds a decoder without
@@ -44,24 +44,12 @@ class ImageEmbeddingUNet(nn.Module):
 
     # what the stage checks inputs against
     @property
-    def in_channels(self) -> int:
-        return self.unet.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.unet.out_channels
-
-    @property
     def context_dim(self) -> int | None:
         return self.text_width
 
     @property
     def vector_dim(self) -> int:
         return self.embed_dim
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.unet.downsample_factor
 
     def context_tokens(self, image_embed: torch.Tensor, context: torch.Tensor | None,
                        context_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

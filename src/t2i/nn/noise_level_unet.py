@@ -5,13 +5,12 @@ timestep, and the concatenation goes through the UNet's vector path into the tim
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from t2i.nn.embeddings import timestep_embedding
-from t2i.nn.unet import UNet
+from t2i.nn.unet import UNet, UNetWrapper
 
 
-class NoiseLevelUNet(nn.Module):
+class NoiseLevelUNet(UNetWrapper):
     """``forward(x, t, concat=low-res image, vector=levels (B, num_levels))``; the UNet's ``vector_dim`` must
     be ``num_levels * level_embed_dim``. ``level_scale`` maps a level (noise level in [0, 1], blur sigma
     in pixels) to the sinusoid's "timestep" argument. No text here: ``context`` must be None unless the UNet
@@ -28,20 +27,8 @@ class NoiseLevelUNet(nn.Module):
         self.level_embed_dim = unet.vector_dim // num_levels
 
     @property
-    def in_channels(self) -> int:
-        return self.unet.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.unet.out_channels
-
-    @property
     def context_dim(self) -> int | None:
         return self.unet.context_dim
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.unet.downsample_factor
 
     def level_embedding(self, levels: torch.Tensor) -> torch.Tensor:
         if levels.ndim != 2 or levels.shape[1] != self.num_levels:

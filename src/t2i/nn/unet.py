@@ -281,3 +281,22 @@ class UNet(nn.Module):
         if self.full_res_block is not None:
             h = self._run(self.full_res_block, torch.cat([h, full_res * (1 / math.sqrt(2))], dim=1), emb, None, None)
         return self.out(h)
+
+
+class UNetWrapper(nn.Module):
+    """Base of the networks that wrap a `UNet` with conditioning adapters (``self.unet``): the stages and
+    pipelines read the UNet's sizes through it."""
+
+    unet: UNet
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.unet.out_channels
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.unet.downsample_factor

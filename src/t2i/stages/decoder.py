@@ -56,9 +56,6 @@ class DecoderStage(DiffusionStage):
         return {"clip_img": batch["clip_img"][:n].detach().cpu(), "caption": list(batch["caption"][:n]),
                 "image": batch["image"][:n].detach().cpu()}
 
-    def can_sample(self) -> bool:
-        return self._reference is not None
-
     def log_samples(self, tag: str) -> None:
         """Top row: the validation images; bottom row: decoded from their CLIP image embeddings."""
         if not self.trainer.is_global_zero:

@@ -165,7 +165,7 @@ class DiffusionStage(L.LightningModule):
         return None
 
     def can_sample(self) -> bool:
-        return bool(self.sample_prompts)
+        return self._reference is not None if self.uses_reference else bool(self.sample_prompts)
 
     def pipeline(self) -> LatentDiffusionPipeline:
         """The inference pipeline over the EMA weights (what the export will hold)."""

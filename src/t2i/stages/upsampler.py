@@ -74,9 +74,6 @@ class UpsamplerStage(DiffusionStage):
             return None
         return {"image": batch["image"][:GRID_SAMPLES].detach().float().cpu()}
 
-    def can_sample(self) -> bool:
-        return self._reference is not None
-
     def log_samples(self, tag: str) -> None:
         """Rows: the validation images, their low-res inputs (enlarged), the upsampled results."""
         if not self.trainer.is_global_zero:
