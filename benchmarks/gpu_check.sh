@@ -18,5 +18,7 @@ echo "== UNet train step vs diffusers"
 python3 benchmarks/unet_step.py --config tiny --device cuda --dtype bf16 --batch 256 --steps 20
 python3 benchmarks/unet_step.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 10
 python3 benchmarks/unet_step.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 10 --channels-last
+echo "== Efficient U-Net vs plain at equal parameters (SR, 256px)"
+python3 benchmarks/efficient_unet.py --device cuda --dtype bf16 --side 256 --batch 32 --channels 128 --steps 10
 echo "== sampler"
 python3 benchmarks/sampler.py --device cuda --batch 64
