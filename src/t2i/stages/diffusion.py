@@ -5,6 +5,10 @@ encodes images to latents, precomputed latents in the batch, or pixels), how cap
 (a text encoder, trained jointly or frozen), per-key conditioning dropout for classifier-free guidance,
 the noise schedule, the parameterization and the loss weighting. EMA of the trained parts is kept in
 the module (so checkpoints hold it) and used for sample grids, validation and the export.
+
+This class is the latent diffusion stage. Other systems subclass it and override only their pieces:
+``target`` / ``inputs`` (what is denoised), ``condition`` (what conditions it), ``batch_size``, and their
+sample grids and pipeline (`t2i.stages.prior`, `t2i.stages.decoder`, `t2i.stages.upsampler`).
 """
 
 from __future__ import annotations
