@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from t2i.exports import ExportError
+from t2i.exports import ExportError, read_export
 from t2i.pipelines.sampling import SamplerSettings
 from t2i.pipelines.unclip_stages import DecoderPipeline, PriorPipeline, UpsamplerPipeline
 
@@ -57,10 +57,14 @@ class UnclipPipeline:
                      device: str | torch.device = "cpu") -> UnclipPipeline:
         """``clip`` (the CLIP stage export, for variations) defaults to the one the prior was trained on."""
         prior_pipe = PriorPipeline.from_export(prior, device)
-        decoder_pipe = DecoderPipeline.from_export(decoder, device)
-        if _clip_export_of(prior_pipe) != _clip_export_of(decoder_pipe):
-            raise ExportError(f"the prior ({_clip_export_of(prior_pipe)}) and the decoder "
-                              f"({_clip_export_of(decoder_pipe)}) were trained on different CLIP exports")
+        decoder_clip = ((read_export(decoder, stage="decoder").config.get("model") or {}).get("text_encoder")
+                        or {}).get("export_dir")
+        if decoder_clip is not None and decoder_clip != _clip_export_of(prior_pipe):
+            raise ExportError(f"the prior ({_clip_export_of(prior_pipe)}) and the decoder ({decoder_clip}) were "
+                              f"trained on different CLIP exports")
+        # a decoder with text tokens reads the prior's frozen CLIP text tower: load it once
+        shared = prior_pipe.text_encoder if decoder_clip is not None else None
+        decoder_pipe = DecoderPipeline.from_export(decoder, device, text_encoder=shared)
         upsampler_pipe = UpsamplerPipeline.from_export(upsampler, device) if upsampler else None
         clip = clip or _clip_export_of(prior_pipe)
         image_encoder = None

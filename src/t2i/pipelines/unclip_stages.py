@@ -98,11 +98,15 @@ class DecoderPipeline(_StagePipeline):
         self.image_size = image_size
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> DecoderPipeline:
+    def from_export(cls, export_dir: str | Path, device: str | torch.device = "cpu",
+                    text_encoder: nn.Module | None = None) -> DecoderPipeline:
+        """``text_encoder``: an already loaded copy of the frozen CLIP text tower the export names (the
+        prior's, in a chain), instead of loading it again."""
         export = read_export(export_dir, stage="decoder")
         ac, prediction = cls._schedule(export)
         net = _net(export, ("denoiser", "cond_dropout"))
-        return cls(net, ac, prediction, _frozen_text_encoder(export), int(export.config["model"]["image_size"]),
+        text_encoder = text_encoder if text_encoder is not None else _frozen_text_encoder(export)
+        return cls(net, ac, prediction, text_encoder, int(export.config["model"]["image_size"]),
                    export.config).to(device)
 
     def condition(self, image_embeds: torch.Tensor, prompts: list[str] | None) -> Cond:

@@ -39,10 +39,6 @@ class PriorStage(DiffusionStage):
         self.best_of, self.val_sample_batches, self.scale_fit_samples = best_of, val_sample_batches, scale_fit_samples
         self._val_cos: dict[str, list[torch.Tensor]] = {}
 
-    @staticmethod
-    def batch_size(batch: dict) -> int:
-        return len(batch["caption"])
-
     def target(self, batch: dict) -> torch.Tensor:
         return self.net["embedding_scale"].encode(batch["clip_img"])
 
