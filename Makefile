@@ -10,7 +10,7 @@ RECIPE ?= recipes/ldm.yaml
 PROMPT ?= a large red circle in the top left on a white background
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train-vae train-ldm train-unclip generate test test-slow lint bench clean
+.PHONY: help install data train-vae train-ldm train-unclip train-imagen train-glide generate test test-slow lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ train-ldm: $(STAMP)  ## the main job: shapes -> VAE -> latents -> LDM -> evaluat
 
 train-unclip: $(STAMP)  ## unCLIP: shapes -> CLIP -> embeddings -> prior -> decoder -> upsampler -> evaluation (recipes/unclip.yaml)
 	$(PY) -m t2i.cli.recipe recipes/unclip.yaml $(ARGS)
+
+train-imagen: $(STAMP)  ## Imagen: shapes -> CLIP text tower (frozen) -> text states -> base 16px -> SR 64px -> classifier -> evaluation
+	$(PY) -m t2i.cli.recipe recipes/imagen.yaml $(ARGS)
+
+train-glide: $(STAMP)  ## GLIDE: shapes -> base 16px -> upsampler 64px, text encoders trained jointly -> evaluation (recipes/glide.yaml)
+	$(PY) -m t2i.cli.recipe recipes/glide.yaml $(ARGS)
 
 generate: $(STAMP)  ## images from the last train-ldm: make generate PROMPT="a large red circle in the top left on a white background"
 	$(PY) -m t2i.cli.generate prompt="$(PROMPT)" $(ARGS)

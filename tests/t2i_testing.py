@@ -90,3 +90,17 @@ def tiny_clip_overrides(shapes: Path, run_dir: Path, *extra: str, experiment: st
             f"data.val_manifest={shapes}/val", "data.resolution=32", "data.batch_size=16", "data.num_workers=0",
             "data.pin_memory=false", "data.min_samples_for_check=100000", "model.arch=null",
             f"model.clip_config={TINY_CLIP_CONFIG}", "trainer.limit_val_batches=2", "logger=csv", *extra]
+
+
+# a recipe's training stages at toy size (slow end-to-end recipe tests)
+TOY_STAGE_OVERRIDES = ("data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
+                       "trainer.max_steps=2", "trainer.limit_val_batches=1", "final_validation=false")
+
+
+def load_toy_recipe(name: str) -> tuple[dict, dict]:
+    """(recipe, its steps by name) of recipes/<name>.yaml, its data step replaced by a no-op (tests bring data)."""
+    import yaml
+    recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    steps = {s["name"]: s for s in recipe["steps"]}
+    steps["data"]["run"] = ["python", "-c", "print('data ready')"]
+    return recipe, steps

@@ -32,10 +32,8 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_vae_exp
     missing = sorted(_missing_keys(cfg))
     assert all(k.endswith(("checkpoint_path", "text_encoder.export_dir")) for k in missing), missing
     if experiment.startswith("tiny/") and "export_dir" in (cfg.model.get("text_encoder") or {}):
-        export = read_export(tiny_clip_export)  # the tiny CLIP the unCLIP stages read, at the test's widths
-        cfg.model.text_encoder.export_dir = str(tiny_clip_export)
-        cfg.model.denoiser.embed_dim = int(export.metrics["embed_dim"])
-        cfg.model.denoiser.text_width = int(export.config["model"]["clip_config"]["text_cfg"]["width"])
+        cfg.model.text_encoder.export_dir = str(tiny_clip_export)  # the tiny CLIP, at the test's widths
+        _fit_to_clip(cfg.model.denoiser, read_export(tiny_clip_export))
     for key, node in cfg.model.items():
         if OmegaConf.is_dict(node) and "_target_" in node and not any(m.startswith(f"model.{key}.") for m in missing):
             with torch.device("meta"):
@@ -47,6 +45,18 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_vae_exp
     assert dm.batch_size == cfg.data.batch_size
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def _fit_to_clip(denoiser, export) -> None:
+    """Set a denoiser config's text widths to a CLIP export's: token width and pooled embedding width."""
+    embed = int(export.metrics["embed_dim"])
+    width = int(export.config["model"]["clip_config"]["text_cfg"]["width"])
+    if "embed_dim" in denoiser:  # unCLIP prior / decoder
+        denoiser.embed_dim, denoiser.text_width = embed, width
+    elif "unet" in denoiser:  # a super-resolution UNet with text cross-attention
+        denoiser.unet.context_dim = width
+    else:  # a text-to-image UNet: tokens for cross-attention, the pooled embedding into the time embedding
+        denoiser.context_dim, denoiser.vector_dim = width, embed
 
 
 def _missing_keys(cfg, prefix=""):

@@ -257,3 +257,26 @@ def test_tiny_unet_overfits():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+# --- Imagen options: coordinate channels, cross-attention-only transformer blocks ----------------------------
+def test_coordinate_channels_give_position_to_a_translation_equivariant_net():
+    net = make(coordinate_channels=True, attention_levels=())
+    assert net.input_blocks[0][0].in_channels == 4 + 2
+    x, t, context = inputs()
+    flat = torch.zeros_like(x)  # a constant input: only the coordinates can make the output vary inside
+    out = net(flat, t, context=context)
+    assert out[..., 2:6, 2:6].flatten(2).std(-1).mean() > 1e-4
+    plain = make(attention_levels=())(flat, t, context=context)
+    assert plain[..., 3:5, 3:5].flatten(2).std(-1).mean() < out[..., 3:5, 3:5].flatten(2).std(-1).mean()
+
+
+def test_cross_attention_only_blocks_have_no_self_attention():
+    net = make(self_attention=False)
+    blocks = [m for m in net.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(not hasattr(b, "attn1") and hasattr(b, "attn2") for b in blocks)
+    x, t, context = inputs(size=8)
+    assert net(x, t, context=context).shape == x.shape
+    # no self-attention: a pixel's output does not depend on far-away pixels beyond the convolutions' reach
+    with pytest.raises(ValueError, match="self-attention or cross-attention"):
+        make(self_attention=False, context_dim=None)

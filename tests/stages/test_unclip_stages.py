@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from t2i_testing import REPO, load_data_prep
+from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
@@ -171,11 +171,8 @@ def test_unclip_recipe_end_to_end(small_shapes, tmp_path):
     import yaml
 
     from t2i.cli.recipe import RecipeRunner
-    recipe = yaml.safe_load((REPO / "recipes" / "unclip.yaml").read_text())
-    steps = {s["name"]: s for s in recipe["steps"]}
-    small = ["data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
-             "trainer.max_steps=2", "trainer.limit_val_batches=1", "final_validation=false"]
-    steps["data"]["run"] = ["python", "-c", "print('data ready')"]
+    recipe, steps = load_toy_recipe("unclip")
+    small = list(TOY_STAGE_OVERRIDES)
     steps["clip"]["overrides"] = [f"run_dir={tmp_path}/clip", f"data.train_manifest={small_shapes}/train",
                                   f"data.val_manifest={small_shapes}/val", *small]
     for name in ("embed_train", "embed_val"):

@@ -1,10 +1,11 @@
-"""Generate images from a latent diffusion export, or from the unCLIP stage exports.
+"""Generate images from a latent diffusion export, the unCLIP stage exports, or an Imagen / GLIDE cascade.
 
     python -m t2i.cli.generate prompt="a large red circle in the top left on a white background"
     python -m t2i.cli.generate prompts_file=prompts.txt out_dir=outputs/gen batch_size=16
     python -m t2i.cli.generate prompt="..." mode=interpolate seed=1 seed_b=2 frames=8
     python -m t2i.cli.generate pipeline=unclip prompt="a small blue square in the center on a black background"
     python -m t2i.cli.generate pipeline=unclip image=photo.png num_images=4      # image variations
+    python -m t2i.cli.generate pipeline=imagen prompt="a large green triangle in the bottom right on a gray background"
 
 Options (key=value): pipeline (ldm|unclip), export (default runs/tiny-ldm/export, the last
 `make train-ldm`), vae_export, prompt, prompts_file, out_dir, steps, eta, guidance_scale, sampler
@@ -12,7 +13,12 @@ Options (key=value): pipeline (ldm|unclip), export (default runs/tiny-ldm/export
 seed_b, frames, device. unCLIP (defaults: the last `make train-unclip`): prior_export, decoder_export,
 upsampler_export (none: stop at the decoder's resolution), image (a file or folder: variations),
 prior_steps, prior_guidance_scale, best_of, upsampler_steps; steps/eta/guidance_scale/sampler are the
-decoder's. Each image is a PNG with the prompt and settings in its metadata and a .txt beside it.
+decoder's. Imagen / GLIDE cascades (defaults: the last `make train-imagen` / `make train-glide`): base_export,
+sr_exports (comma-separated, in order; none: stop at the base; auto: the recipe's), thresholding (none|static|dynamic),
+percentile, sr_steps, sr_guidance_scale, sr_noise_level (the SR stages' sampling-time noise-conditioning
+level; default as trained); steps/eta/guidance_scale/sampler are the base model's, and thresholding defaults
+to the base's trained setting. Each image is a PNG with the prompt and settings in its metadata and a .txt
+beside it.
 """
 
 from __future__ import annotations
@@ -58,6 +64,13 @@ class GenerateOptions:
     prior_guidance_scale: float | None = None
     best_of: int | None = None
     upsampler_steps: int | None = None
+    base_export: str | None = None
+    sr_exports: str = "auto"
+    thresholding: str | None = None
+    percentile: float | None = None
+    sr_steps: int | None = None
+    sr_guidance_scale: float | None = None
+    sr_noise_level: float | None = None
 
 
 def parse_options(argv: list[str]) -> GenerateOptions:
@@ -105,13 +118,17 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def _metadata(prompt: str, opts: GenerateOptions, seed: int) -> dict[str, str]:
+    export = opts.export if opts.pipeline == "ldm" else opts.base_export or opts.pipeline
     return {"prompt": prompt, "settings": f"sampler={opts.sampler} steps={opts.steps} eta={opts.eta} "
-            f"guidance_scale={opts.guidance_scale} seed={seed} export={opts.export}"}
+            f"guidance_scale={opts.guidance_scale} thresholding={opts.thresholding} seed={seed} export={export}"}
 
 
 def generate_images(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompts: list[str]) -> list[Path]:
     settings = SamplerSettings(steps=opts.steps, eta=opts.eta, guidance_scale=opts.guidance_scale,
-                               sampler=opts.sampler)
+                               sampler=opts.sampler, thresholding=opts.thresholding or "none",
+                               percentile=opts.percentile or SamplerSettings.percentile)
+    if opts.pipeline in CASCADE_DEFAULTS:
+        settings = None  # the cascade's own settings (load_cascade applied the options to them)
     jobs = [(p, k) for k in range(opts.num_images) for p in prompts]
     out, written = Path(opts.out_dir), []
     for start in range(0, len(jobs), opts.batch_size):
@@ -158,6 +175,31 @@ def load_unclip(opts: GenerateOptions):
     return pipe
 
 
+CASCADE_DEFAULTS = {"imagen": ("runs/tiny-imagen-base/export", "runs/tiny-imagen-sr/export"),
+                    "glide": ("runs/tiny-glide-base/export", "runs/tiny-glide-sr/export")}
+
+
+def load_cascade(opts: GenerateOptions):
+    """The base + SR exports as one pipeline, the base's settings from the options (thresholding as trained
+    unless given), each SR stage's as trained unless given."""
+    from t2i.pipelines.cascade import CascadePipeline
+
+    base_default, sr_default = CASCADE_DEFAULTS[opts.pipeline]
+    srs = sr_default if opts.sr_exports == "auto" else opts.sr_exports
+    srs = [] if srs.lower() in ("", "none") else [p.strip() for p in srs.split(",") if p.strip()]
+    pipe = CascadePipeline.from_exports(opts.base_export or base_default, srs, device=opts.device)
+    st = pipe.settings
+    st.base = dataclasses.replace(st.base, steps=opts.steps, eta=opts.eta, guidance_scale=opts.guidance_scale,
+                                  sampler=opts.sampler, thresholding=opts.thresholding or st.base.thresholding,
+                                  percentile=opts.percentile or st.base.percentile)
+    for i, sr in enumerate(st.sr):
+        st.sr[i] = dataclasses.replace(sr, steps=opts.sr_steps or sr.steps,
+                                       guidance_scale=opts.sr_guidance_scale or sr.guidance_scale)
+        if opts.sr_noise_level is not None:
+            st.sr_noise_levels[i] = opts.sr_noise_level
+    return pipe
+
+
 def read_images(path: str) -> tuple[list[Path], torch.Tensor]:
     """A file or a folder of images -> (paths, [-1, 1] tensors (B, 3, 64, 64))."""
     from PIL import Image
@@ -194,9 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_options(argv)
     if opts.mode not in ("images", "interpolate"):
         raise SystemExit(f"mode must be images or interpolate, got {opts.mode!r}")
-    if opts.pipeline not in ("ldm", "unclip"):
-        raise SystemExit(f"pipeline must be ldm or unclip, got {opts.pipeline!r}")
-    if opts.pipeline == "unclip":
+    if opts.pipeline not in ("ldm", "unclip", "imagen", "glide"):
+        raise SystemExit(f"pipeline must be ldm, unclip, imagen or glide, got {opts.pipeline!r}")
+    if opts.thresholding not in (None, "none", "static", "dynamic"):
+        raise SystemExit(f"thresholding must be none, static or dynamic, got {opts.thresholding!r}")
+    if opts.pipeline in ("imagen", "glide"):
+        if opts.mode != "images" or opts.image:
+            raise SystemExit(f"pipeline={opts.pipeline} supports mode=images only")
+        pipe = load_cascade(opts)
+    elif opts.pipeline == "unclip":
         if opts.mode != "images":
             raise SystemExit("pipeline=unclip supports mode=images (and image=... for variations)")
         pipe = load_unclip(opts)

@@ -74,7 +74,7 @@ def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + frac * (v_hi - v_lo)
 
 
-def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: float | None = None) -> torch.Tensor:
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.95, max_value: float | None = None) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3).
 
     Per sample ``s = max(1, quantile(|x̂0|, percentile))`` (optionally capped at ``max_value``), then
@@ -87,7 +87,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995, max_value: fl
     return torch.minimum(torch.maximum(x0, -s), s) / s
 
 
-def thresholded(x0_fn: X0Fn, kind: str = "none", percentile: float = 0.995) -> X0Fn:
+def thresholded(x0_fn: X0Fn, kind: str = "none", percentile: float = 0.95) -> X0Fn:
     """Wrap ``x0_fn`` so its x̂0 is thresholded: "none", "static" ([-1, 1]) or "dynamic" (at ``percentile``)."""
     if kind == "none":
         return x0_fn

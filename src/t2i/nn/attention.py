@@ -94,14 +94,20 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention (``attn1``), cross-attention (``attn2``), GEGLU MLP (``ff``).
 
-    Without ``context_dim`` there is no cross-attention (no ``norm2``/``attn2``).
+    Without ``context_dim`` there is no cross-attention (no ``norm2``/``attn2``); with ``self_attention=False``
+    no self-attention (no ``norm1``/``attn1``: Imagen's 256->1024 super-resolution model keeps only the text
+    cross-attention, so that it can train on crops and sample at full size).
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, self_attention: bool = True):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        if not self_attention and context_dim is None:
+            raise ValueError("a transformer block needs self-attention or cross-attention (context_dim)")
+        self.has_self_attention = self_attention
+        if self_attention:
+            self.norm1 = nn.LayerNorm(dim)
+            self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
         self.has_cross_attention = context_dim is not None
         if self.has_cross_attention:
             self.norm2 = nn.LayerNorm(dim)
@@ -111,7 +117,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        if self.has_self_attention:
+            x = x + self.attn1(self.norm1(x))
         if self.has_cross_attention:
             if context is None:
                 raise ValueError("this block has cross-attention: a context is required")
@@ -128,7 +135,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int = 1,
                  context_dim: int | None = None, dropout: float = 0.0, use_linear_projection: bool = False,
-                 num_groups: int = 32):
+                 num_groups: int = 32, self_attention: bool = True):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -140,7 +147,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, in_channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, self_attention) for _ in range(depth))
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 

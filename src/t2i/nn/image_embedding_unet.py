@@ -14,7 +14,10 @@ import math
 import torch
 from torch import nn
 
+from t2i.nn.layers import coordinate_grid
 from t2i.nn.unet import UNet, UNetWrapper
+
+__all__ = ["ImageEmbeddingUNet", "coordinate_grid"]
 
 
 class ImageEmbeddingUNet(UNetWrapper):
@@ -84,11 +87,3 @@ class ImageEmbeddingUNet(UNetWrapper):
             concat = coordinate_grid(x)
         return self.unet(x, t, context=tokens, context_mask=mask, vector=embed, concat=concat)
 
-
-def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2, H, W): each pixel's (y, x) centre in [-1, 1]."""
-    b, _, h, w = x.shape
-    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
-    return grid[None].expand(b, -1, -1, -1)

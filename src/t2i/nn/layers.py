@@ -31,3 +31,12 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each pixel's (y, x) centre in [-1, 1] (CoordConv input channels, Liu et al. 2018)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+    return grid[None].expand(b, -1, -1, -1)

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from t2i.nn.attention import SpatialTransformer
 from t2i.nn.embeddings import TimestepEmbedding, timestep_embedding
-from t2i.nn.layers import Upsample, group_norm
+from t2i.nn.layers import Upsample, coordinate_grid, group_norm
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -126,6 +126,11 @@ class UNet(nn.Module):
     self-attention-only transformers. ``vector_dim`` adds an MLP-projected conditioning vector (pooled text,
     CLIP image embedding, noise-augmentation level...) to the time embedding. ``concat_channels`` extra
     input channels (e.g. the low-res image of a super-resolution stage) are concatenated to ``x``.
+    ``coordinate_channels`` appends two more input channels holding each pixel's (y, x) in [-1, 1] (CoordConv,
+    Liu et al. 2018): convolutions alone see absolute position only through the zero padding at the border,
+    and a text-to-image model must place what the caption says where it says. ``self_attention=False`` keeps
+    only the cross-attention in the transformer blocks (Imagen's 256->1024 SR model: trained on crops,
+    sampled at full size, still reading the text).
     """
 
     def __init__(self, in_channels: int, out_channels: int, model_channels: int,
@@ -135,7 +140,7 @@ class UNet(nn.Module):
                  use_linear_projection: bool = False, vector_dim: int | None = None, concat_channels: int = 0,
                  resblock_updown: bool = False, use_scale_shift_norm: bool = False, dropout: float = 0.0,
                  num_groups: int = 32, gradient_checkpointing: bool = False, efficient: bool = False,
-                 middle_attention: bool = True):
+                 middle_attention: bool = True, coordinate_channels: bool = False, self_attention: bool = True):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult:
@@ -146,6 +151,7 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.channel_mult, self.context_dim, self.vector_dim = channel_mult, context_dim, vector_dim
         self.concat_channels, self.efficient = concat_channels, efficient
+        self.coordinate_channels = coordinate_channels
         self.attention_levels = tuple(int(a) for a in attention_levels)
         self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
         depths = _per_level(transformer_depth, levels, "transformer_depth")
@@ -164,8 +170,8 @@ class UNet(nn.Module):
 
         def attn(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = heads_for(ch)
-            return SpatialTransformer(ch, heads, dim_head, depth, context_dim,
-                                      use_linear_projection=use_linear_projection, num_groups=num_groups)
+            return SpatialTransformer(ch, heads, dim_head, depth, context_dim, use_linear_projection=use_linear_projection,
+                                      num_groups=num_groups, self_attention=self_attention)
 
         def res(ch: int, out: int, **kw) -> ResBlock:
             return ResBlock(ch, emb_dim, out, dropout, use_scale_shift_norm, num_groups=num_groups, **kw)
@@ -179,7 +185,8 @@ class UNet(nn.Module):
         self.time_embed = TimestepEmbedding(model_channels, emb_dim)
         self.label_emb = nn.Sequential(TimestepEmbedding(vector_dim, emb_dim)) if vector_dim else None
 
-        conv_in = nn.Conv2d(in_channels + concat_channels, model_channels, 3, padding=1)
+        conv_in = nn.Conv2d(in_channels + concat_channels + (2 if coordinate_channels else 0), model_channels, 3,
+                            padding=1)
         self.input_blocks = nn.ModuleList([EmbedSequential(conv_in)])
         skip_channels, ch = ([] if efficient else [model_channels]), model_channels
         for level, mult in enumerate(channel_mult):
@@ -258,6 +265,8 @@ class UNet(nn.Module):
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         elif concat is not None:
             raise ValueError("this UNet takes no concat input (concat_channels=0)")
+        if self.coordinate_channels:
+            x = torch.cat([x, coordinate_grid(x)], dim=1)
         if self.context_dim is None and context is not None:
             raise ValueError("this UNet has no cross-attention (context_dim=None) but a context was given")
         if self.context_dim is not None and context is None:

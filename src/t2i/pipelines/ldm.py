@@ -9,7 +9,7 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.diffusion import make_schedule
-from t2i.exports import ExportError, read_export
+from t2i.exports import Export, ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
 from t2i.pipelines.build import build_from_config, load_module
 from t2i.pipelines.sampling import SamplerSettings, sample
@@ -29,6 +29,18 @@ def text_condition(net: nn.ModuleDict, frozen_text_encoder: nn.Module | None, ca
     return Cond(context=context, context_mask=mask, vector=vector)
 
 
+def text_encoder_of(export: Export) -> tuple[nn.Module | None, nn.Module | None]:
+    """(trained, frozen) text encoder of a stage export: one trained with the stage is loaded from the
+    export's weights (``text_encoder.*``); a frozen one is rebuilt from its config (a local checkpoint file or
+    a CLIP stage export). (None, None) when the stage has no text encoder."""
+    node = export.config.get("model", {}).get("text_encoder")
+    if not node:
+        return None, None
+    if any(k.startswith("text_encoder.") for k in export.state_dict()):
+        return load_module(export, "text_encoder", "text_encoder"), None
+    return None, build_from_config(node, f"{export.path}:model.text_encoder").eval()
+
+
 class LatentDiffusionPipeline:
     """net: ModuleDict with "denoiser", "cond_dropout" (its learned null is the unconditional input) and, when
     trained jointly, "text_encoder"; a frozen text encoder is passed separately."""
@@ -42,19 +54,17 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_export(cls, export_dir: str | Path, vae_export: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> LatentDiffusionPipeline:
-        export = read_export(export_dir, stage="ldm")
+                    device: str | torch.device = "cpu", stage: str = "ldm") -> LatentDiffusionPipeline:
+        """``stage``: the export's stage type ("ldm"; "base" for a pixel-space text-to-image base model)."""
+        export = read_export(export_dir, stage=stage)
         model = export.config["model"]
         net = nn.ModuleDict({"denoiser": load_module(export, "denoiser", "denoiser"),
                              "cond_dropout": load_module(export, "cond_dropout", "cond_dropout")})
-        frozen = None
-        if model.get("text_encoder"):
-            if any(k.startswith("text_encoder.") for k in export.state_dict()):
-                net["text_encoder"] = load_module(export, "text_encoder", "text_encoder")
-            else:  # frozen pretrained: rebuilt from its local checkpoint file
-                frozen = build_from_config(model["text_encoder"], f"{export.path}:model.text_encoder")
+        trained, frozen = text_encoder_of(export)
+        if trained is not None:
+            net["text_encoder"] = trained
         first_stage = None
-        if model.get("latents_from", "image") != "pixels":
+        if model.get("latents_from", "image" if "first_stage_export" in model else "pixels") != "pixels":
             vae = Path(vae_export or model["first_stage_export"])
             if not vae.is_dir():
                 raise ExportError(f"{export_dir} needs its VAE export {vae}, which is missing (pass vae_export=)")

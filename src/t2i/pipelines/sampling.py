@@ -3,6 +3,7 @@ guidance, thresholding, sampler settings) into samples. Stages (sample grids) an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.diffusion import classifier_free_guidance, ddim_sample, ddpm_sample, thresholded, to_x0_eps
+from t2i.diffusion.guidance import X0Fn
 
 
 @dataclass
@@ -19,14 +21,15 @@ class SamplerSettings:
     guidance_scale: float = 3.0
     sampler: str = "ddim"  # ddim | ddpm
     thresholding: str = "none"  # none | static | dynamic (pixel space)
-    percentile: float = 0.995
+    percentile: float = 0.95  # dynamic thresholding (imagen-pytorch default; the paper tuned p per model)
     spacing: str = "leading"
 
 
 def denoiser(network: nn.Module, alphas_cumprod: torch.Tensor, prediction: str, cond: Cond,
-             uncond: Cond | None, settings: SamplerSettings):
+             uncond: Cond | None, settings: SamplerSettings, x0_wrapper: Callable[[X0Fn], X0Fn] | None = None):
     """x0_fn(x_t, t) for the samplers: the network under classifier-free guidance (cond and uncond in one
-    batched call) converted to x̂0, then thresholded."""
+    batched call) converted to x̂0, then ``x0_wrapper`` (e.g. classifier guidance, which shifts x̂0 and so
+    must come before the threshold), then thresholded."""
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
         return network(x, t, **c.as_kwargs()).float()
@@ -38,17 +41,19 @@ def denoiser(network: nn.Module, alphas_cumprod: torch.Tensor, prediction: str, 
         out = guided(x_t, t, cond, uncond)
         return to_x0_eps(prediction, out, x_t, t, alphas_cumprod)[0]
 
-    return thresholded(x0_fn, settings.thresholding, settings.percentile)
+    return thresholded(x0_wrapper(x0_fn) if x0_wrapper is not None else x0_fn, settings.thresholding,
+                       settings.percentile)
 
 
 @torch.no_grad()
 def sample(network: nn.Module, alphas_cumprod: torch.Tensor, prediction: str, shape: tuple[int, ...],
            cond: Cond, uncond: Cond | None, settings: SamplerSettings, generator: torch.Generator | None = None,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Draw samples of `shape` (batch first) given `cond`; `noise` (x_T) overrides the generator."""
+           noise: torch.Tensor | None = None, x0_wrapper: Callable[[X0Fn], X0Fn] | None = None) -> torch.Tensor:
+    """Draw samples of `shape` (batch first) given `cond`; `noise` (x_T) overrides the generator;
+    `x0_wrapper` wraps the guided x̂0 before thresholding (see `denoiser`)."""
     device = next(network.parameters()).device
     ac = alphas_cumprod.to(device)
-    x0_fn = denoiser(network, ac, prediction, cond, uncond, settings)
+    x0_fn = denoiser(network, ac, prediction, cond, uncond, settings, x0_wrapper)
     start = noise.to(device) if noise is not None else shape
     if settings.sampler == "ddim":
         return ddim_sample(x0_fn, start, ac, steps=settings.steps, eta=settings.eta, generator=generator,

@@ -21,6 +21,7 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
+from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
 from t2i.diffusion import diffusion_loss, make_schedule
 from t2i.images import log_grid
 from t2i.nn.ema import EMA
@@ -93,8 +94,18 @@ class DiffusionStage(L.LightningModule):
         return self.target(batch), self.condition(batch, net)
 
     def condition(self, batch: dict, net: nn.ModuleDict | None = None) -> Cond:
-        """The conditioning of a batch before classifier-free-guidance dropout (captions -> text Cond)."""
-        return text_condition(net if net is not None else self.net, self.frozen_text_encoder, batch["caption"])
+        """The conditioning of a batch before classifier-free-guidance dropout: captions -> text Cond, or the
+        frozen encoder's states precomputed into the batch (data_prep/encode_text.py)."""
+        net = net if net is not None else self.net
+        if has_precomputed_text(batch):
+            encoder = self.frozen_text_encoder
+            if encoder is None:
+                raise ValueError("precomputed text states in the batch, but this stage has no frozen text encoder "
+                                 "(a trained one's states would be stale after the first step): drop them from "
+                                 "data.array_fields")
+            pooled_dim = encoder.pooled_dim if getattr(net["denoiser"], "vector_dim", None) else None
+            return precomputed_text_condition(batch, encoder.width, pooled_dim).to(self.device)
+        return text_condition(net, self.frozen_text_encoder, batch["caption"])
 
     @staticmethod
     def batch_size(batch: dict) -> int:

@@ -1,0 +1,198 @@
+"""The evaluation step of the Imagen and GLIDE recipes, on held-out shapes prompts judged by the oracle:
+
+- the base model at its trained settings (at its own resolution) and the full cascade (final resolution);
+- classifier-free guidance scale x thresholding (none / static / dynamic) on the base model: alignment and
+  the share of saturated pixels (what dynamic thresholding is for: Saharia et al. 2022, sec. 2.3);
+- each SR stage with and without noise-conditioning augmentation at sampling time, fed the base model's
+  outputs and real low-res images: alignment, and the PSNR of its output downsampled back against its input
+  (and against the original, for real inputs);
+- with a noisy-image classifier export: the base model's unconditional branch with classifier guidance at a
+  few scales (Dhariwal & Nichol 2021), shape and colour accuracy.
+
+Writes ``report.md`` / ``report.json`` and sample grids into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from t2i.conditioning.lowres import downsample
+from t2i.data.shapes import caption, random_specs
+from t2i.eval.ldm_report import real_images
+from t2i.eval.shapes import ATTRIBUTES, compare, judge_all, score, score_specs
+from t2i.eval.unclip_report import HELDOUT_SEED, _psnr, _row
+from t2i.images import grid, save_png
+from t2i.pipelines.cascade import CascadePipeline
+
+SATURATED = 0.98  # |pixel| at or above this counts as saturated (clipped at the data range)
+
+
+def _batched(fn, n: int, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(slice(i, min(i + batch_size, n))).cpu() for i in range(0, n, batch_size)])
+
+
+def saturation(images: torch.Tensor) -> float:
+    """Share of pixel values at the edge of the data range."""
+    return float((images.abs() >= SATURATED).float().mean())
+
+
+def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifest: str, num_prompts: int = 200,
+                     batch_size: int = 100, seed: int = 0, guidance_scales: tuple[float, ...] = (1, 3, 5, 8),
+                     thresholds: tuple[str, ...] = ("none", "static", "dynamic"), table_steps: int | None = None,
+                     classifier: str | None = None, classifier_scales: tuple[float, ...] = (0, 1, 3, 10),
+                     num_real: int = 100, sample_prompts: list[str] | None = None, device: str = "cpu") -> dict:
+    """``table_steps``: DDIM steps of the guidance x thresholding table (default: the base's trained steps)."""
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = CascadePipeline.from_exports(base, list(upsamplers), device=device)
+    st = pipe.settings
+    specs = random_specs(num_prompts, HELDOUT_SEED)
+    prompts = [caption(s) for s in specs]
+    results: dict = {}
+    res0 = pipe.base.image_size
+
+    def base_images(settings) -> torch.Tensor:
+        return _batched(lambda s: pipe.base(prompts[s], settings, seed=seed + s.start), num_prompts, batch_size)
+
+    # the base model and the whole cascade at the trained settings
+    small = base_images(st.base)
+    results[f"base_{res0}px"] = score_specs(small, specs)
+    final = small
+    if pipe.upsamplers:
+        final = _batched(lambda s: pipe.upsample(small[s], prompts[s], seed=seed + s.start)[-1], num_prompts,
+                         batch_size)
+        results[f"cascade_{pipe.image_size}px"] = score_specs(final, specs)
+    save_png(grid(final[:64], nrow=8), out / "heldout_cascade.png")
+
+    # guidance scale x thresholding on the base model
+    table_settings = replace(st.base, steps=table_steps or st.base.steps)
+    table, rows = {}, []
+    for scale in guidance_scales:
+        row = []
+        for kind in thresholds:
+            images = base_images(replace(table_settings, guidance_scale=float(scale), thresholding=kind))
+            table[f"cfg{scale:g}_{kind}"] = {**score_specs(images, specs), "saturated": saturation(images)}
+            row.append(images[:8])
+        rows.append(torch.cat(row))
+    results["guidance_x_thresholding"] = table
+    save_png(grid(torch.cat(rows), nrow=8 * len(thresholds)), out / "guidance_x_thresholding.png")
+
+    # each SR stage with and without noise-conditioning augmentation at sampling
+    if pipe.upsamplers:
+        results["sr_noise_augmentation"] = _sr_noise_table(pipe, small, prompts, specs, val_manifest, num_real,
+                                                           batch_size, seed)
+    if classifier:
+        results["classifier_guidance"] = _classifier_guidance(base, classifier, prompts, specs, classifier_scales,
+                                                              batch_size, seed, device, out)
+    if sample_prompts:
+        stage_images = pipe.stages(sample_prompts, seed=seed)
+        save_png(grid(torch.cat([torch.nn.functional.interpolate(x.cpu(), size=pipe.image_size, mode="nearest")
+                                 for x in stage_images]), nrow=len(sample_prompts)), out / "samples.png")
+    results["settings"] = {"base": str(base), "upsamplers": [str(u) for u in upsamplers], "num_prompts": num_prompts,
+                           "base_sampler": vars(st.base), "sr_samplers": [vars(s) for s in st.sr],
+                           "table_steps": table_settings.steps, "seconds": round(time.time() - start, 1)}
+    _strip_confusion(results)
+    (out / "report.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    lines = report_lines(results, num_prompts)
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return results
+
+
+def _sr_noise_table(pipe: CascadePipeline, small: torch.Tensor, prompts: list[str], specs, val_manifest: str,
+                    num_real: int, batch_size: int, seed: int) -> dict:
+    """The first SR stage at sampling noise level 0 and at its trained level, on the base's outputs and on real
+    low-res validation images."""
+    up = pipe.upsamplers[0]
+    trained_level = float(up.net["degradation"].sample_noise_level)
+    real, captions = real_images(val_manifest, up.image_size, num_real)
+    real = real.float() / 127.5 - 1
+    real_low = downsample(real, up.low_res)
+    table = {}
+    for level in sorted({0.0, trained_level}):
+        def run(low, texts, level=level):
+            return _batched(lambda s: up(low[s].to(up.device), pipe.settings.sr[0], seed=seed + s.start,
+                                         prompts=texts[s] if up.takes_text else None, noise_level=level),
+                            len(low), batch_size)
+
+        gen = run(small, prompts)
+        on_real = run(real_low, captions)
+        table[f"level{level:g}"] = {
+            "base_outputs": {**score_specs(gen, specs), "psnr_to_input_db": _psnr(downsample(gen, up.low_res), small)},
+            "real_low_res": {**score(on_real, captions), "psnr_to_original_db": _psnr(on_real, real),
+                             "psnr_to_input_db": _psnr(downsample(on_real, up.low_res), real_low)}}
+    table["trained_level"] = trained_level
+    return table
+
+
+def _classifier_guidance(base: str, classifier: str, prompts: list[str], specs, scales, batch_size: int, seed: int,
+                         device: str, out: Path) -> dict:
+    from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline
+
+    guided = ClassifierGuidedPipeline.from_exports(base, classifier, device=device)
+    table, rows = {}, []
+    for scale in scales:
+        images = _batched(lambda s, scale=scale: guided(prompts[s], scale=float(scale), seed=seed + s.start),
+                          len(prompts), batch_size)
+        verdicts = judge_all(images)
+        both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
+        table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs)}
+        rows.append(images[:16])
+    save_png(grid(torch.cat(rows), nrow=16), out / "classifier_guidance.png")
+    return table
+
+
+def _strip_confusion(node) -> None:
+    if isinstance(node, dict):
+        node.pop("confusion", None)
+        for v in node.values():
+            _strip_confusion(v)
+
+
+def report_lines(results: dict, num_prompts: int) -> list[str]:
+    s = results["settings"]
+    b = s["base_sampler"]
+    lines = ["# Cascade evaluation", "",
+             f"{num_prompts} held-out prompts (`t2i.eval.shapes.heldout_prompts`), judged by the deterministic shapes "
+             f"oracle. Base: DDIM {b['steps']} steps, CFG {b['guidance_scale']:g}, thresholding {b['thresholding']}"
+             + "".join(f"; SR {i + 1}: DDIM {x['steps']} steps, CFG {x['guidance_scale']:g}"
+                       for i, x in enumerate(s["sr_samplers"])) + ".", "",
+             "| images | n | " + " | ".join(ATTRIBUTES) + " | all |", "|---" * (len(ATTRIBUTES) + 3) + "|"]
+    for key, value in results.items():
+        if key.startswith(("base_", "cascade_")):
+            name = "base model" if key.startswith("base") else "full cascade"
+            lines.append(_row(f"{name} ({key.rsplit('_', 1)[1]})", value))
+    table = results["guidance_x_thresholding"]
+    kinds = list(dict.fromkeys(k.split("_", 1)[1] for k in table))
+    scales = list(dict.fromkeys(k.split("_", 1)[0] for k in table))
+    lines += ["", (f"Base model, DDIM {s['table_steps']} steps: all-attribute accuracy (share of saturated pixels, "
+                   f"|x| >= {SATURATED}) by guidance scale and thresholding:"), "",
+              "| CFG scale | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for sc in scales:
+        cells = [f"{100 * table[f'{sc}_{k}']['all']:.1f}% ({100 * table[f'{sc}_{k}']['saturated']:.1f}%)" for k in kinds]
+        lines.append(f"| {sc[3:]} | " + " | ".join(cells) + " |")
+    if "sr_noise_augmentation" in results:
+        t = results["sr_noise_augmentation"]
+        lines += ["", (f"SR stage 1 with and without noise-conditioning augmentation at sampling (trained level "
+                       f"{t['trained_level']:g}):"), "",
+                  ("| sampling noise level | on base outputs: all | PSNR to its input | on real low-res: all "
+                   "| PSNR to original | PSNR to input |"), "|---|---|---|---|---|---|"]
+        for key, v in t.items():
+            if key.startswith("level"):
+                g, r = v["base_outputs"], v["real_low_res"]
+                lines.append(f"| {key[5:]} | {100 * g['all']:.1f}% | {g['psnr_to_input_db']:.2f} dB | "
+                             f"{100 * r['all']:.1f}% | {r['psnr_to_original_db']:.2f} dB | {r['psnr_to_input_db']:.2f} dB |")
+    if "classifier_guidance" in results:
+        lines += ["", "Unconditional base model + classifier guidance (classes: shape and colour):", "",
+                  "| scale | shape | color | shape and color |", "|---|---|---|---|"]
+        for key, v in results["classifier_guidance"].items():
+            lines.append(f"| {key[5:]} | {100 * v['shape']:.1f}% | {100 * v['color']:.1f}% | "
+                         f"{100 * v['shape_and_color']:.1f}% |")
+    lines.append(f"\nEvaluation took {s['seconds']} s.")
+    return lines
