@@ -73,3 +73,10 @@ def test_failing_command_stops_the_recipe(tmp_path):
         {"name": "boom", "kind": "command", "run": [sys.executable, "-c", "raise SystemExit(3)"]}]}))
     with pytest.raises(RecipeError, match="boom"):
         RecipeRunner(str(path)).run()
+
+
+def test_stage_references_resolve_inside_list_and_dict_arguments(tmp_path):
+    runner = RecipeRunner(write_recipe(tmp_path, tmp_path))
+    runner.exports["vae"] = {"export": tmp_path / "vae" / "export", "hash": "abc", "run_dir": tmp_path / "vae"}
+    value = runner._resolve_value({"list": ["${stage:vae}", 3], "nested": {"h": "${stage:vae.hash}"}, "n": 1})
+    assert value == {"list": [str(tmp_path / "vae" / "export"), 3], "nested": {"h": "abc"}, "n": 1}

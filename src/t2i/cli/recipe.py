@@ -61,6 +61,16 @@ class RecipeRunner:
                 common.append(o)
         return per_stage, common
 
+    def _resolve_value(self, value):
+        """``${stage:...}`` references resolved in a string, or in the strings of a (nested) list or dict."""
+        if isinstance(value, str):
+            return self._resolve(value)
+        if isinstance(value, list):
+            return [self._resolve_value(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._resolve_value(v) for k, v in value.items()}
+        return value
+
     def _resolve(self, text: str) -> str:
         def sub(m: re.Match) -> str:
             name, attr = m.group(1), m.group(2) or "export"
@@ -134,7 +144,7 @@ class RecipeRunner:
         if not module_name.startswith("t2i."):
             raise RecipeError(f"step {step['name']!r}: only t2i functions may be called, not {module_name}")
         func = getattr(importlib.import_module(module_name), func_name)
-        kwargs = {k: self._resolve(v) if isinstance(v, str) else v for k, v in (step.get("args") or {}).items()}
+        kwargs = {k: self._resolve_value(v) for k, v in (step.get("args") or {}).items()}
         kwargs.update(_parse_kv(self.stage_overrides[step["name"]]))
         func(**kwargs)
 

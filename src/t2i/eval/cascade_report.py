@@ -89,7 +89,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
                                                            batch_size, seed)
     if classifier:
         results["classifier_guidance"] = _classifier_guidance(base, classifier, prompts, specs, classifier_scales,
-                                                              batch_size, seed, device, out)
+                                                              table_settings, batch_size, seed, device, out)
     if sample_prompts:
         stage_images = pipe.stages(sample_prompts, seed=seed)
         save_png(grid(torch.cat([torch.nn.functional.interpolate(x.cpu(), size=pipe.image_size, mode="nearest")
@@ -131,15 +131,16 @@ def _sr_noise_table(pipe: CascadePipeline, small: torch.Tensor, prompts: list[st
     return table
 
 
-def _classifier_guidance(base: str, classifier: str, prompts: list[str], specs, scales, batch_size: int, seed: int,
-                         device: str, out: Path) -> dict:
+def _classifier_guidance(base: str, classifier: str, prompts: list[str], specs, scales, settings, batch_size: int,
+                         seed: int, device: str, out: Path) -> dict:
+    """The base's unconditional branch guided by the classifier towards each prompt's shape and colour."""
     from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline
 
     guided = ClassifierGuidedPipeline.from_exports(base, classifier, device=device)
     table, rows = {}, []
     for scale in scales:
-        images = _batched(lambda s, scale=scale: guided(prompts[s], scale=float(scale), seed=seed + s.start),
-                          len(prompts), batch_size)
+        images = _batched(lambda s, scale=scale: guided(prompts[s], scale=float(scale), settings=settings,
+                                                        seed=seed + s.start), len(prompts), batch_size)
         verdicts = judge_all(images)
         both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
         table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs)}
