@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 echo "== gpu tests"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+echo "== (the gpu tests include the tiny GLIDE cascade: base + SR train in bf16 and sample on the GPU)"
 echo "== UNet train step vs diffusers"
 python3 benchmarks/unet_step.py --config tiny --device cuda --dtype bf16 --batch 256 --steps 20
 python3 benchmarks/unet_step.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 10

@@ -36,6 +36,12 @@ def _batched(fn, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(slice(i, min(i + batch_size, n))).cpu() for i in range(0, n, batch_size)])
 
 
+def _enlarged(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement to at least ``side`` pixels, so that small images stay readable in grids."""
+    factor = max(1, side // images.shape[-1])
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
 def saturation(images: torch.Tensor) -> float:
     """Share of pixel values at the edge of the data range."""
     return float((images.abs() >= SATURATED).float().mean())
@@ -80,8 +86,10 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
             table[f"cfg{scale:g}_{kind}"] = {**score_specs(images, specs), "saturated": saturation(images)}
             row.append(images[:8])
         rows.append(torch.cat(row))
+    real, _ = real_images(val_manifest, res0, num_real)
+    table["real_validation_images"] = {"saturated": saturation(real.float() / 127.5 - 1)}  # the data's own share
     results["guidance_x_thresholding"] = table
-    save_png(grid(torch.cat(rows), nrow=8 * len(thresholds)), out / "guidance_x_thresholding.png")
+    save_png(grid(_enlarged(torch.cat(rows), 64), nrow=8 * len(thresholds)), out / "guidance_x_thresholding.png")
 
     # each SR stage with and without noise-conditioning augmentation at sampling
     if pipe.upsamplers:
@@ -96,7 +104,8 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
                                  for x in stage_images]), nrow=len(sample_prompts)), out / "samples.png")
     results["settings"] = {"base": str(base), "upsamplers": [str(u) for u in upsamplers], "num_prompts": num_prompts,
                            "base_sampler": vars(st.base), "sr_samplers": [vars(s) for s in st.sr],
-                           "table_steps": table_settings.steps, "seconds": round(time.time() - start, 1)}
+                           "table_steps": table_settings.steps, "base_resolution": res0,
+                           "seconds": round(time.time() - start, 1)}
     _strip_confusion(results)
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     lines = report_lines(results, num_prompts)
@@ -145,7 +154,7 @@ def _classifier_guidance(base: str, classifier: str, prompts: list[str], specs, 
         both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
         table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs)}
         rows.append(images[:16])
-    save_png(grid(torch.cat(rows), nrow=16), out / "classifier_guidance.png")
+    save_png(grid(_enlarged(torch.cat(rows), 64), nrow=16), out / "classifier_guidance.png")
     return table
 
 
@@ -170,14 +179,19 @@ def report_lines(results: dict, num_prompts: int) -> list[str]:
             name = "base model" if key.startswith("base") else "full cascade"
             lines.append(_row(f"{name} ({key.rsplit('_', 1)[1]})", value))
     table = results["guidance_x_thresholding"]
-    kinds = list(dict.fromkeys(k.split("_", 1)[1] for k in table))
-    scales = list(dict.fromkeys(k.split("_", 1)[0] for k in table))
+    cells = [k for k in table if k.startswith("cfg")]
+    kinds = list(dict.fromkeys(k.split("_", 1)[1] for k in cells))
+    scales = list(dict.fromkeys(k.split("_", 1)[0] for k in cells))
     lines += ["", (f"Base model, DDIM {s['table_steps']} steps: all-attribute accuracy (share of saturated pixels, "
                    f"|x| >= {SATURATED}) by guidance scale and thresholding:"), "",
               "| CFG scale | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for sc in scales:
-        cells = [f"{100 * table[f'{sc}_{k}']['all']:.1f}% ({100 * table[f'{sc}_{k}']['saturated']:.1f}%)" for k in kinds]
-        lines.append(f"| {sc[3:]} | " + " | ".join(cells) + " |")
+        row = [f"{100 * table[f'{sc}_{k}']['all']:.1f}% ({100 * table[f'{sc}_{k}']['saturated']:.1f}%)" for k in kinds]
+        lines.append(f"| {sc[3:]} | " + " | ".join(row) + " |")
+    if "real_validation_images" in table:
+        lines.append(f"\nReal validation images at {s['base_resolution']}px: "
+                     f"{100 * table['real_validation_images']['saturated']:.1f}% saturated pixels (flat black and "
+                     f"white backgrounds, pure colours).")
     if "sr_noise_augmentation" in results:
         t = results["sr_noise_augmentation"]
         lines += ["", (f"SR stage 1 with and without noise-conditioning augmentation at sampling (trained level "

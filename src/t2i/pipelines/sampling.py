@@ -21,7 +21,7 @@ class SamplerSettings:
     guidance_scale: float = 3.0
     sampler: str = "ddim"  # ddim | ddpm
     thresholding: str = "none"  # none | static | dynamic (pixel space)
-    percentile: float = 0.95  # dynamic thresholding (imagen-pytorch default; the paper tuned p per model)
+    percentile: float = 0.95  # dynamic thresholding percentile (imagen-pytorch's default, as DESIGN.md)
     spacing: str = "leading"
 
 
