@@ -96,7 +96,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
         results["sr_noise_augmentation"] = _sr_noise_table(pipe, small, prompts, specs, val_manifest, num_real,
                                                            batch_size, seed)
     if classifier:
-        results["classifier_guidance"] = _classifier_guidance(base, classifier, prompts, specs, classifier_scales,
+        results["classifier_guidance"] = _classifier_guidance(pipe.base, classifier, prompts, specs, classifier_scales,
                                                               table_settings, batch_size, seed, device, out)
     if sample_prompts:
         stage_images = pipe.stages(sample_prompts, seed=seed)
@@ -140,9 +140,10 @@ def _sr_noise_table(pipe: CascadePipeline, small: torch.Tensor, prompts: list[st
     return table
 
 
-def _classifier_guidance(base: str, classifier: str, prompts: list[str], specs, scales, settings, batch_size: int,
+def _classifier_guidance(base, classifier: str, prompts: list[str], specs, scales, settings, batch_size: int,
                          seed: int, device: str, out: Path) -> dict:
-    """The base's unconditional branch guided by the classifier towards each prompt's shape and colour."""
+    """The base's unconditional branch guided by the classifier towards each prompt's shape and colour (``base``:
+    the cascade's already loaded base pipeline)."""
     from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline
 
     guided = ClassifierGuidedPipeline.from_exports(base, classifier, device=device)
