@@ -89,14 +89,16 @@ class LowResDegradation(nn.Module):
                            self.blur_sigma[0] + u[3] * (self.blur_sigma[1] - self.blur_sigma[0]), 0.0)
         return torch.stack([noise, blur], dim=1)
 
-    def sampling_levels(self, batch: int, device) -> torch.Tensor:
-        return torch.tensor([self.sample_noise_level, 0.0], device=device).expand(batch, 2).clone()
+    def sampling_levels(self, batch: int, device, noise_level: float | None = None) -> torch.Tensor:
+        level = self.sample_noise_level if noise_level is None else float(noise_level)
+        return torch.tensor([level, 0.0], device=device).expand(batch, 2).clone()
 
-    def forward(self, low: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(degraded low-res image, levels (B, 2))."""
+    def forward(self, low: torch.Tensor, generator: torch.Generator | None = None,
+                noise_level: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(degraded low-res image, levels (B, 2)); ``noise_level`` replaces ``sample_noise_level`` at sampling."""
         b = low.shape[0]
         levels = (self.draw_levels(b, low.device, generator) if self.training
-                  else self.sampling_levels(b, low.device))
+                  else self.sampling_levels(b, low.device, noise_level))
         out = low
         if bool((levels[:, 1] > 0).any()):
             out = gaussian_blur(out, levels[:, 1])

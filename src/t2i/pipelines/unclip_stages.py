@@ -170,15 +170,7 @@ class UpsamplerPipeline(_StagePipeline):
                  noise_level: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The low-res input as the network sees it at sampling, and its levels: the fixed sampling noise level
         (``noise_level`` overrides the trained config's ``sample_noise_level``), no blur."""
-        degradation = self.net["degradation"].eval()
-        if noise_level is None:
-            return degradation(low, generator=generator)
-        saved = degradation.sample_noise_level
-        degradation.sample_noise_level = float(noise_level)
-        try:
-            return degradation(low, generator=generator)
-        finally:
-            degradation.sample_noise_level = saved
+        return self.net["degradation"].eval()(low, generator=generator, noise_level=noise_level)
 
     @torch.no_grad()
     def __call__(self, low: torch.Tensor, settings: SamplerSettings | None = None, seed: int = 0,
