@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one call of the device tool (about 5 minutes on an H100):
-#   GPU-marked tests, UNet step time against diffusers (tiny and SD1.5 sizes, bf16), sampler overhead.
+# The GPU check, in one call of the device tool (about 8 minutes on an H100):
+#   GPU-marked tests; a short training of the LDM stage under ddp and each DeepSpeed strategy (SD-sized UNet,
+#   images/s, peak memory, MFU); UNet step time against diffusers (tiny and SD1.5 sizes, bf16); sampler overhead.
 # Carry the wheels the device image lacks (see benchmarks/README.md) in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,11 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 echo "== gpu tests"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
 echo "== (the gpu tests include the tiny GLIDE cascade: base + SR train in bf16 and sample on the GPU)"
+echo "== LDM stage training throughput per strategy: SD-sized UNet (860M), 32x32x4 latents, bf16, batch 32"
+echo "   (goal: MFU >= 35% under ddp on an H100; each strategy at most 100 s, all of them at most 240 s)"
+python3 benchmarks/train_throughput.py --config sd --device cuda --batch 32 --steps 20 --warmup 5 --channels-last \
+  --strategy ddp deepspeed_stage_1 deepspeed_stage_2 deepspeed_stage_2_offload deepspeed_stage_3 \
+  deepspeed_stage_3_offload --timeout 100 --budget 240
 echo "== UNet train step vs diffusers"
 python3 benchmarks/unet_step.py --config tiny --device cuda --dtype bf16 --batch 256 --steps 20
 python3 benchmarks/unet_step.py --config sd15 --device cuda --dtype bf16 --batch 8 --steps 10

@@ -28,22 +28,31 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
 
 
+def _caption_rows(path: Path, f) -> list[dict]:
+    """The rows of an open captions file (JSONL objects, or CSV rows with path,caption columns)."""
+    rows: list[dict] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{i}: invalid JSON: {e}") from e
+    else:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
+            raise SystemExit(f"{path}: CSV needs a header with columns path,caption; got {reader.fieldnames}")
+        rows = list(reader)
+    return rows
+
+
 def read_captions(path: Path, folder: Path) -> dict[Path, str]:
     """{resolved image path: caption} from a CSV (path,caption) or a JSONL file."""
-    rows: list[dict] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{path}:{i}: invalid JSON: {e}") from e
-        else:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
-                raise SystemExit(f"{path}: CSV needs a header with columns path,caption; got {reader.fieldnames}")
-            rows = list(reader)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = _caption_rows(path, f)
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"{path}: not valid UTF-8 ({e}); save the captions file as UTF-8") from None
     captions = {}
     for i, row in enumerate(rows, 1):
         if "path" not in row or "caption" not in row:
@@ -97,8 +106,8 @@ def folder_to_shards(folder: str | Path, out: str | Path, shard_size: int = 5000
     for p in old:
         p.unlink()
     files = list_files(folder, [out] + ([Path(captions)] if captions else []))
-    counts = {"files": len(files), "written": 0, "unreadable": 0, "no_caption": 0, "empty_caption": 0,
-              "converted": 0}
+    counts = {"files": len(files), "written": 0, "unreadable": 0, "no_caption": 0, "bad_caption": 0,
+              "empty_caption": 0, "converted": 0}
     skipped: list[str] = []
     writer = None
     for path in files:
@@ -107,7 +116,12 @@ def folder_to_shards(folder: str | Path, out: str | Path, shard_size: int = 5000
             text = table.get(path.resolve())
         else:
             sidecar = path.with_suffix(".txt")
-            text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+            try:
+                text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+            except UnicodeDecodeError:
+                counts["bad_caption"] += 1
+                skipped.append(f"caption not valid UTF-8: {sidecar.relative_to(folder).as_posix()}")
+                continue
         if text is None and not allow_missing_caption:
             counts["no_caption"] += 1
             skipped.append(f"no caption: {rel}")

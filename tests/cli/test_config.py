@@ -69,9 +69,9 @@ def _missing_keys(cfg, prefix=""):
 
 
 def test_misspelled_override_fails():
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'trainer\.max_stepz'"):
         compose_config(["experiment=tiny/vae", "trainer.max_stepz=3"])
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'model\.autoencoder\.latent_chanels'"):
         compose_config(["experiment=tiny/vae", "model.autoencoder.latent_chanels=8"])
 
 

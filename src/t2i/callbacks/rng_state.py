@@ -36,17 +36,14 @@ def _restore(state: dict) -> None:
 class RngStateCallback(L.Callback):
     """Checkpoints hold a list of states, one per rank (gathered when distributed).
 
-    At setup every rank is reseeded with ``seed + rank``, so that ranks draw different noise, timesteps
-    and dropout masks (one seed on every rank would correlate them); a resume then restores each rank's
-    own saved state.
+    When training starts every rank is reseeded with ``seed + rank``, so that ranks draw different noise,
+    timesteps and dropout masks (one seed on every rank would correlate them), and so that the draws do not
+    depend on how much randomness the strategy's setup consumed (DeepSpeed's does): a run gives the same
+    result under every strategy. A resume instead restores each rank's own saved state.
     """
 
     def __init__(self, seed: int = 0):
         self.seed = seed
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.world_size > 1:
-            L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
 
     def state_dict(self) -> dict:
         state = _capture()
@@ -63,6 +60,7 @@ class RngStateCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         states = getattr(self, "_pending", None)
         if states is None:
+            L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
             return
         rank = trainer.global_rank
         if len(states) != trainer.world_size:

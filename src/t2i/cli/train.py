@@ -1,28 +1,38 @@
 """Train one stage: ``python -m t2i.cli.train experiment=tiny/vae [key=value ...]``.
 
 Every Trainer flag is an override (``trainer.max_steps=100``, ``trainer.fast_dev_run=true``);
-``ckpt_path=last`` resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists. At the end the
-stage writes ``last.ckpt`` and its export (``<run_dir>/export``).
+``ckpt_path=last`` resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists (its previous version when
+it is damaged). At the end the stage writes ``last.ckpt`` and its export (``<run_dir>/export``). A SIGTERM or
+SIGUSR1 saves ``last.ckpt`` at the next step boundary and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+import yaml
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from t2i.callbacks.final_checkpoint import FinalCheckpoint
+from t2i.callbacks.preemption import Preempted, PreemptionCheckpoint
 from t2i.callbacks.rng_state import RngStateCallback
+from t2i.callbacks.stage_tag import StageTag
+from t2i.checkpointing import AtomicCheckpointIO, check_stage_tag, choose_resume_checkpoint
+from t2i.cli.batch import apply_global_batch
 from t2i.cli.config import config_dir
 from t2i.exports import write_export
 
 log = logging.getLogger("t2i.train")
+
+RUN_CONFIG = "config.yaml"  # the resolved config of a run, in its run_dir (read by t2i.cli.export)
 
 
 @dataclass
@@ -37,12 +47,11 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        log.info("ckpt_path=last but %s does not exist: starting from scratch", last)
-        return None
-    if not Path(ckpt_path).is_file():
+        last = choose_resume_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        if last is None:
+            log.info("ckpt_path=last but %s has no checkpoint: starting from scratch", run_dir / "checkpoints")
+        return str(last) if last else None
+    if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
     return ckpt_path
 
@@ -52,11 +61,37 @@ def _float_metrics(metrics: dict) -> dict:
             and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
 
 
+def is_deepspeed(strategy) -> bool:
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return "DeepSpeed" in target or "deepspeed" in target
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    last = run_dir / "checkpoints" / "last.ckpt"
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    callbacks += [RngStateCallback(cfg.seed), FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")]
+    callbacks += [RngStateCallback(cfg.seed), StageTag(), FinalCheckpoint(last)]
+    if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+        callbacks.append(PreemptionCheckpoint(str(last)))
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None] or False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    plugins = [] if is_deepspeed(cfg.strategy) else [AtomicCheckpointIO()]  # DeepSpeed swaps its directories
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins,
+                       default_root_dir=str(run_dir))
+
+
+def _export(cfg: DictConfig, trainer: L.Trainer, model, datamodule, metrics: dict, last: Path) -> Path | None:
+    if is_deepspeed(cfg.strategy):  # ZeRO shards: every rank must be done writing; rank 0 converts the directory
+        trainer.strategy.barrier("t2i-export")
+        if not trainer.is_global_zero:
+            return None
+        from t2i.cli.export import export_from_checkpoint  # builds the model on the CPU from the run config
+        return export_from_checkpoint(OmegaConf.to_container(cfg, resolve=True), last, cfg.export_dir,
+                                      metrics=metrics, datamodule=datamodule)
+    if not trainer.is_global_zero:
+        return None
+    metrics.update(model.export_metrics(datamodule) if hasattr(model, "export_metrics") else {})
+    return write_export(cfg.export_dir, model.stage_name, model.export_state_dict(),
+                        OmegaConf.to_container(cfg, resolve=True), metrics=metrics,
+                        parents=dict(cfg.get("parents") or {}), extra={"global_step": trainer.global_step})
 
 
 def train(cfg: DictConfig) -> TrainResult:
@@ -67,28 +102,39 @@ def train(cfg: DictConfig) -> TrainResult:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # missing or empty shard lists fail here, before any model is built
-    model = instantiate(cfg.model)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_checkpoint(cfg.get("ckpt_path"), run_dir),
-                weights_only=True)  # a checkpoint never runs code
+    cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
+    model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
+    if trainer.is_global_zero:
+        (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True),
+                                                         sort_keys=False), encoding="utf-8")
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
+    if ckpt:
+        check_stage_tag(ckpt, model)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # a checkpoint never runs code
+    except SIGTERMException:
+        preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+        raise Preempted(preemption.received, preemption.path, trainer.global_step) from None
     last = run_dir / "checkpoints" / "last.ckpt"  # written by FinalCheckpoint at the end of training
     metrics = _float_metrics(trainer.callback_metrics)
     if cfg.get("final_validation", True) and datamodule.val_data is not None and not trainer.fast_dev_run:
         metrics.update(_float_metrics(trainer.validate(model, datamodule=datamodule, verbose=False)[0]))
     export_dir = None
-    if cfg.get("export", True) and trainer.is_global_zero:
-        metrics.update(model.export_metrics(datamodule) if hasattr(model, "export_metrics") else {})
-        export_dir = write_export(
-            cfg.export_dir, model.stage_name, model.export_state_dict(),
-            OmegaConf.to_container(cfg, resolve=True), metrics=metrics,
-            parents=dict(cfg.get("parents") or {}), extra={"global_step": trainer.global_step})
-        log.info("export written to %s", export_dir)
+    if cfg.get("export", True):
+        export_dir = _export(cfg, trainer, model, datamodule, metrics, last)
+        if export_dir is not None:
+            log.info("export written to %s", export_dir)
     return TrainResult(run_dir, last, export_dir, metrics)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Preempted as e:
+        print(f"[t2i] {e}", flush=True)
+        sys.exit(e.exit_code)
     print(f"[t2i] run: {result.run_dir}  export: {result.export_dir}")
     for k, v in sorted(result.metrics.items()):
         print(f"[t2i]   {k} = {v:.6g}")

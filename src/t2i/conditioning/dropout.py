@@ -144,13 +144,22 @@ class CondDropout(nn.Module):
             mask[:n] = True
         return nn.functional.pad(seq, (0, 0, 0, length - n)), mask
 
+    def __call__(self, cond: Cond, generator: torch.Generator | None = None,
+                 force: bool | torch.Tensor | None = None) -> Cond:
+        """`cond` with the dropped samples' keys replaced by their nulls (see the class docstring)."""
+        fields = super().__call__(cond, generator=generator, force=force)
+        return cond.replace(**fields) if fields else cond
+
     def forward(self, cond: Cond, generator: torch.Generator | None = None,
-                force: bool | torch.Tensor | None = None) -> Cond:
+                force: bool | torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """The replaced fields as a dict of tensors. Module hooks see plain tensors here, not a `Cond`: DeepSpeed
+        ZeRO-3 attaches its backward hooks (which gather the learned nulls again for their gradients) to the
+        tensors a module returns, and cannot look inside a dataclass."""
         if force is None and not self.training:
-            return cond
+            return {}
         b = cond.batch_size
         if b is None or not self.p:
-            return cond
+            return {}
         drops = self.drop_masks(b, cond.device, generator, force)
         out = {}
         for key, drop in drops.items():
@@ -168,7 +177,7 @@ class CondDropout(nn.Module):
                 if null.shape != value.shape[1:]:
                     raise ValueError(f"{key} null of shape {tuple(null.shape)} != sample shape {tuple(value.shape[1:])}")
             out[key] = torch.where(drop.view(-1, *[1] * (value.ndim - 1)), null, value)
-        return cond.replace(**out)
+        return out
 
     def _drop_context(self, cond: Cond, drop: torch.Tensor, kind: str) -> dict[str, torch.Tensor | None]:
         ctx, mask = cond.context, cond.context_mask
@@ -188,7 +197,7 @@ class CondDropout(nn.Module):
     def null_like(self, cond: Cond) -> Cond:
         """The fully unconditional Cond for sampling: every key with a drop probability replaced by its null
         (whatever the mode), the other keys unchanged. Batch with ``Cond.cat([cond, uncond])``."""
-        return self.forward(cond, force=True)
+        return self(cond, force=True)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, null={self.kinds}, joint={self.joint}"

@@ -237,6 +237,19 @@ class OpenClipTextEncoder(nn.Module):
             return self.tower.width
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
 
+    def parameters_unused_without_pooled(self) -> list[nn.Parameter]:
+        """Parameters that only the pooled embedding depends on (the projection; with penultimate-layer states, the
+        last block and the final norm too). A stage whose UNet takes no pooled vector freezes them: they would get
+        no gradient, which DDP reports as an error."""
+        t = self.tower
+        proj = t.text_projection
+        params = list(proj.parameters()) if isinstance(proj, nn.Module) else ([proj] if proj is not None else [])
+        if self.layer != "last":
+            params += list(t.transformer.resblocks[-1].parameters())
+            if not self.penultimate_ln:
+                params += list(t.ln_final.parameters())
+        return params
+
     def train(self, mode: bool = True) -> OpenClipTextEncoder:
         super().train(mode)
         if self.frozen:

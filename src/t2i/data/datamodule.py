@@ -32,6 +32,12 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        for name, value, low in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
+                                 ("num_workers", num_workers, 0), ("val_num_workers", val_num_workers, 0),
+                                 ("shuffle_window", shuffle_window, 1), ("resolution", resolution, 0),
+                                 ("max_pixels", max_pixels, 1)):
+            if value < low:
+                raise ValueError(f"data.{name} must be >= {low}, got {value}")
         self.train_manifest_path, self.val_manifest_path = train_manifest, val_manifest
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size

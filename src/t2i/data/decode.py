@@ -56,13 +56,15 @@ def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator |
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > cfg.max_pixels:
-            raise BadSample(f"image of {w}x{h} exceeds max_pixels={cfg.max_pixels}")
+            raise BadSample(f"image exceeds max_pixels ({w}x{h} > {cfg.max_pixels})")
         side = cfg.resolution
         if img.format == "JPEG":  # decode at a reduced scale when the image is much larger
             img.draft("RGB", (max(side, w * side // min(w, h)), max(side, h * side // min(w, h))))
         img.load()
     except BadSample:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own limit (Image.MAX_IMAGE_PIXELS), below max_pixels
+        raise BadSample(f"image exceeds PIL's decompression-bomb limit ({e})") from None
     except Exception as e:  # PIL raises many types for bad bytes  # noqa: BLE001
         raise BadSample(f"undecodable image ({type(e).__name__}: {e})") from None
     img = _to_rgb(img)

@@ -11,7 +11,7 @@ from t2i.conditioning.cond import Cond
 from t2i.diffusion import make_schedule
 from t2i.exports import Export, ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
-from t2i.pipelines.build import build_from_config, load_module
+from t2i.pipelines.build import build_from_config, check_text_width, load_module
 from t2i.pipelines.sampling import SamplerSettings, sample
 
 
@@ -38,7 +38,7 @@ def text_encoder_of(export: Export) -> tuple[nn.Module | None, nn.Module | None]
         return None, None
     if any(k.startswith("text_encoder.") for k in export.state_dict()):
         return load_module(export, "text_encoder", "text_encoder"), None
-    return None, build_from_config(node, f"{export.path}:model.text_encoder").eval()
+    return None, build_from_config(node, export.path / "config.yaml", "model.text_encoder").eval()
 
 
 class LatentDiffusionPipeline:
@@ -69,6 +69,11 @@ class LatentDiffusionPipeline:
             if not vae.is_dir():
                 raise ExportError(f"{export_dir} needs its VAE export {vae}, which is missing (pass vae_export=)")
             first_stage = load_autoencoder(vae)
+            if first_stage.latent_channels != net["denoiser"].in_channels:
+                raise ExportError(f"{export_dir} denoises {net['denoiser'].in_channels}-channel latents, but the VAE "
+                                  f"export {vae} makes {first_stage.latent_channels}-channel ones: pass the VAE "
+                                  f"export this stage was trained with (vae_export=)")
+        check_text_width(net["denoiser"], frozen, export_dir)
         ac = make_schedule(**model.get("schedule", {}))
         pipe = cls(net.eval(), frozen, first_stage, ac, model.get("prediction", "eps"), int(model["image_size"]),
                    export.config)

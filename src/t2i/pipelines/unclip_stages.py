@@ -13,7 +13,7 @@ from torch import nn
 from t2i.conditioning.cond import Cond
 from t2i.diffusion import make_schedule
 from t2i.exports import Export, read_export
-from t2i.pipelines.build import build_from_config, load_module
+from t2i.pipelines.build import build_from_config, check_text_width, load_module
 from t2i.pipelines.ldm import text_condition, text_encoder_of
 from t2i.pipelines.sampling import SamplerSettings, sample
 
@@ -36,7 +36,9 @@ def _net(export: Export, names: tuple[str, ...]) -> nn.ModuleDict:
 
 def _frozen_text_encoder(export: Export) -> nn.Module | None:
     node = export.config["model"].get("text_encoder")
-    return None if node is None else build_from_config(node, f"{export.path}:model.text_encoder").eval()
+    if node is None:
+        return None
+    return build_from_config(node, export.path / "config.yaml", "model.text_encoder").eval()
 
 
 class _StagePipeline:
@@ -69,7 +71,9 @@ class PriorPipeline(_StagePipeline):
         export = read_export(export_dir, stage="prior")
         ac, prediction = cls._schedule(export)
         net = _net(export, ("denoiser", "cond_dropout", "embedding_scale"))
-        return cls(net, ac, prediction, _frozen_text_encoder(export), export.config).to(device)
+        text_encoder = _frozen_text_encoder(export)
+        check_text_width(net["denoiser"], text_encoder, export_dir)
+        return cls(net, ac, prediction, text_encoder, export.config).to(device)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SamplerSettings | None = None, seed: int = 0,
@@ -107,6 +111,7 @@ class DecoderPipeline(_StagePipeline):
         ac, prediction = cls._schedule(export)
         net = _net(export, ("denoiser", "cond_dropout"))
         text_encoder = text_encoder if text_encoder is not None else _frozen_text_encoder(export)
+        check_text_width(net["denoiser"], text_encoder, export_dir)
         return cls(net, ac, prediction, text_encoder, int(export.config["model"]["image_size"]),
                    export.config).to(device)
 
@@ -159,6 +164,7 @@ class UpsamplerPipeline(_StagePipeline):
         trained, frozen = text_encoder_of(export)
         if trained is not None:
             net["text_encoder"] = trained
+        check_text_width(net["denoiser"], frozen, export_dir)
         return cls(net, ac, prediction, int(model["image_size"]), int(model["low_res"]), export.config,
                    text_encoder=frozen).to(device)
 

@@ -58,10 +58,11 @@ class DecoderStage(DiffusionStage):
 
     def log_samples(self, tag: str) -> None:
         """Top row: the validation images; bottom row: decoded from their CLIP image embeddings."""
-        if not self.trainer.is_global_zero:
+        if not self.samples_on_this_rank():
             return
         ref = self._reference
         images = self.pipeline()(ref["clip_img"].to(self.device), ref["caption"], self.sampler_settings,
                                  seed=self.sample_seed)
-        log_grid(self, tag, torch.cat([ref["image"].to(images.device), images]), self.samples_dir,
-                 nrow=len(images))
+        if self.trainer.is_global_zero:
+            log_grid(self, tag, torch.cat([ref["image"].to(images.device), images]), self.samples_dir,
+                     nrow=len(images))

@@ -30,6 +30,12 @@ from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
 from t2i.pipelines.sampling import SamplerSettings
 
 
+def _context_null_width(dropout: CondDropout) -> int | None:
+    """The width of a learned or fixed context null (None for a zero null or no context dropout)."""
+    null = getattr(dropout, "null_context", None)
+    return int(null.shape[-1]) if isinstance(null, torch.Tensor) else None
+
+
 class DiffusionStage(L.LightningModule):
     def __init__(self, denoiser: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
                  cond_dropout: CondDropout | None = None, first_stage_export: str | None = None,
@@ -40,10 +46,16 @@ class DiffusionStage(L.LightningModule):
                  sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
                  stage_name: str = "ldm", extra_modules: dict[str, nn.Module] | None = None):
         super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         if latents_from not in ("image", "batch", "pixels", None):
             raise ValueError(f"latents_from must be image, batch, pixels or None (a subclass's own target), "
                              f"got {latents_from!r}")
         trainable_text = text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters())
+        if trainable_text and not getattr(denoiser, "vector_dim", None) and \
+                hasattr(text_encoder, "parameters_unused_without_pooled"):
+            for p in text_encoder.parameters_unused_without_pooled():  # no gradient would reach them (DDP error)
+                p.requires_grad_(False)
         parts = {"denoiser": denoiser, "cond_dropout": cond_dropout or CondDropout({})}
         if trainable_text:
             parts["text_encoder"] = text_encoder
@@ -63,6 +75,11 @@ class DiffusionStage(L.LightningModule):
         if text_encoder is not None and getattr(denoiser, "context_dim", None) not in (None, width):
             raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, the UNet "
                              f"expects context_dim={denoiser.context_dim}")
+        null_width = _context_null_width(parts["cond_dropout"])
+        if width is not None and null_width not in (None, width):
+            raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, but the "
+                             f"cond_dropout's context null is {null_width} wide; set model.cond_dropout.context_dim"
+                             f"={width}")
         self.register_buffer("alphas_cumprod", make_schedule(**(schedule or {})), persistent=False)
         self.latents_from, self.image_size, self.prediction = latents_from, image_size, prediction
         self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
@@ -82,12 +99,24 @@ class DiffusionStage(L.LightningModule):
     def target(self, batch: dict) -> torch.Tensor:
         """x0, the clean sample the denoiser learns (latents, pixels; subclasses: embeddings...)."""
         if self.latents_from == "batch":
-            return batch["latent"].float()
+            return self._checked_latents(batch["latent"]).float()
         if self.latents_from == "image":
             return self.first_stage.encode(batch["image"]).float()
         if self.latents_from == "pixels":
             return batch["image"]
         raise NotImplementedError(f"{type(self).__name__} must define target() (latents_from=None)")
+
+    def _checked_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Precomputed ``latent.npy`` must be what the VAE export makes at ``image_size`` (else they were
+        written by another VAE or at another resolution, and the UNet would fail or learn the wrong thing)."""
+        vae, side = self.first_stage, self.image_size // self.first_stage.downsample_factor
+        want = (vae.latent_channels, side, side)
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != want:
+            raise ValueError(f"latent.npy of shape {tuple(latents.shape[1:])} per sample, but the VAE export "
+                             f"{vae.source} makes {want} latents at image_size={self.image_size}: were the shards "
+                             f"encoded with another VAE or resolution? (rerun data_prep/encode_latents.py with "
+                             f"this VAE export; data.array_shapes=[{list(want)}] skips odd samples)")
+        return latents
 
     def inputs(self, batch: dict, net: nn.ModuleDict) -> tuple[torch.Tensor, Cond]:
         """(x0, conditioning before dropout) of a batch; ``net`` is the training net or its EMA."""
@@ -135,7 +164,7 @@ class DiffusionStage(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._last_step_seen = self.global_step  # 0, or the restored step on resume
-        if self._reference is None and self.uses_reference and self.trainer.is_global_zero:
+        if self._reference is None and self.uses_reference and self.samples_on_this_rank():
             self._reference = self.reference_from(self._first_validation_batch())
 
     def _first_validation_batch(self) -> dict | None:
@@ -187,11 +216,17 @@ class DiffusionStage(L.LightningModule):
         return LatentDiffusionPipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,
                                        self.alphas_cumprod, self.prediction, self.image_size)
 
+    def samples_on_this_rank(self) -> bool:
+        """Rank 0 draws the sample grids; under ZeRO-3 every rank runs the sampler with it (each forward gathers
+        the sharded parameters, a collective) and rank 0 writes the grid."""
+        return self.trainer.is_global_zero or bool(getattr(self.trainer.strategy, "zero_stage_3", False))
+
     def log_samples(self, tag: str) -> None:
-        if not self.trainer.is_global_zero:
+        if not self.samples_on_this_rank():
             return
         images = self.pipeline()(self.sample_prompts, self.sampler_settings, seed=self.sample_seed)
-        log_grid(self, tag, images, self.samples_dir, nrow=min(8, len(images)))
+        if self.trainer.is_global_zero:
+            log_grid(self, tag, images, self.samples_dir, nrow=min(8, len(images)))
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.inference_net.state_dict())

@@ -91,11 +91,12 @@ class UpsamplerStage(DiffusionStage):
 
     def log_samples(self, tag: str) -> None:
         """Rows: the validation images, their low-res inputs (enlarged), the upsampled results."""
-        if not self.trainer.is_global_zero:
+        if not self.samples_on_this_rank():
             return
         high = self._reference["image"].to(self.device)
         low = downsample(high, self.low_res)
         prompts = self._reference["caption"] if self.takes_text else None
         images = self.pipeline()(low, self.sampler_settings, seed=self.sample_seed, prompts=prompts)
         enlarged = torch.nn.functional.interpolate(low, size=high.shape[-2:], mode="nearest")
-        log_grid(self, tag, torch.cat([high, enlarged, images.to(high.device)]), self.samples_dir, nrow=len(high))
+        if self.trainer.is_global_zero:
+            log_grid(self, tag, torch.cat([high, enlarged, images.to(high.device)]), self.samples_dir, nrow=len(high))

@@ -1,0 +1,122 @@
+"""A stage export may come from anywhere: the Hydra ``_target_``s of its config.yaml are restricted to t2i and
+torch, checked before anything is imported or called. Every malicious target here would create a file if it
+ran (``os.makedirs``, ``shutil.copyfile``, ``torch.save``...: this Hydra version blocks ``os.system`` itself,
+but not those); each test asserts the refusal (naming the export, the key path and the target) and that no
+file exists."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t2i.conditioning.text import OpenClipTextEncoder
+from t2i.exports import CONFIG, ExportError, check_export_targets, read_export
+from t2i.pipelines.autoencoder import load_autoencoder
+from t2i.pipelines.build import build_from_config, resolve_export_target
+from t2i.pipelines.ldm import LatentDiffusionPipeline
+
+
+def tampered(export: Path, folder: Path, edit) -> Path:
+    """A copy of `export` whose config.yaml `edit(config)` changed."""
+    shutil.copytree(export, folder)
+    config = yaml.safe_load((folder / CONFIG).read_text())
+    edit(config)
+    (folder / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
+def touch(marker: Path) -> dict:
+    return {"_target_": "os.makedirs", "_args_": [str(marker)]}
+
+
+def _unet(config: dict) -> dict:
+    return config["model"]["denoiser"]
+
+
+CASES = {
+    # where the malicious node goes -> the key path the error must name
+    "top-level target": (lambda c, m: c["model"].update(denoiser=touch(m)), "model.denoiser._target_"),
+    "nested in a list": (lambda c, m: _unet(c).update(channel_mult=[1, touch(m), 2]),
+                         "model.denoiser.channel_mult[1]._target_"),
+    "_partial_ target": (lambda c, m: c["model"].update(lr_scheduler={**touch(m), "_partial_": True}),
+                         "model.lr_scheduler._target_"),
+    "in a module's arguments": (lambda c, m: c["model"]["cond_dropout"].update(p={"context": touch(m)}),
+                                "model.cond_dropout.p.context._target_"),
+    "interpolation creating a node": (lambda c, m: _unet(c).update(
+        num_groups="${oc.create:{_target_: os.makedirs, _args_: ['" + str(m) + "']}}"),
+        "model.denoiser.num_groups"),
+    "os.system": (lambda c, m: c["model"].update(denoiser={"_target_": "os.system", "_args_": [f"touch {m}"]}),
+                  "model.denoiser._target_"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malicious_target_is_refused_before_anything_runs(tiny_ldm_export, tmp_path, case):
+    marker = tmp_path / "pwned"
+    edit, key_path = CASES[case]
+    evil = tampered(tiny_ldm_export, tmp_path / "evil", lambda c: edit(c, marker))
+    before = (evil / CONFIG).read_bytes()
+    with pytest.raises(ExportError) as err:
+        LatentDiffusionPipeline.from_export(evil)
+    message = str(err.value)
+    assert str(evil / CONFIG) in message and key_path in message, message
+    assert ("os.system" if case == "os.system" else "os.makedirs") in message and "refusing" in message
+    with pytest.raises(ExportError, match="refusing"):
+        read_export(evil)  # every reader is covered, not only the pipelines
+    assert not marker.exists(), "the export's target ran"
+    assert (evil / CONFIG).read_bytes() == before
+
+
+BYPASSES = {  # names that start with t2i. or torch. but would still create the marker if they ran
+    "torch.os.makedirs": ("is os's, not t2i's or torch's", lambda m, cfg: {"_args_": [str(m)]}),  # torch imports os
+    "t2i.exports.shutil.copyfile": ("is shutil's", lambda m, cfg: {"_args_": [str(cfg), str(m)]}),
+    "torch.save": ("torch function", lambda m, cfg: {"obj": [1], "f": str(m)}),  # torch.load could unpickle
+    "t2i.exports.write_export": ("defined in t2i.exports",  # writes, and replaces, any folder
+                                 lambda m, cfg: {"folder": str(m), "stage": "x", "state_dict": {}, "config": {}}),
+    "t2i.nn.no_such_module.Thing": ("cannot find", lambda m, cfg: {}),
+}
+
+
+@pytest.mark.parametrize("target", list(BYPASSES))
+def test_targets_that_only_look_like_t2i_or_torch_are_refused(tiny_ldm_export, tmp_path, target):
+    marker = tmp_path / "pwned"
+    why, args = BYPASSES[target]
+    node = {"_target_": target, **args(marker, tiny_ldm_export / CONFIG)}
+    evil = tampered(tiny_ldm_export, tmp_path / "evil", lambda c: c["model"].update(text_encoder=node))
+    read_export(evil)  # the names pass the static check (they start with t2i. or torch.) ...
+    with pytest.raises(ExportError, match=why) as err:  # ... but not the check of what they resolve to
+        LatentDiffusionPipeline.from_export(evil)
+    assert "model.text_encoder._target_" in str(err.value) and target in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_tampered_clip_export_is_refused_wherever_it_is_read(tiny_clip_export, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tampered(tiny_clip_export, tmp_path / "evil", lambda c: c["model"].update(extra=[touch(marker)]))
+    with pytest.raises(ExportError, match=r"model\.extra\[0\]\._target_='os\.makedirs'"):
+        OpenClipTextEncoder.from_clip_export(evil)  # what frozen text encoders and data_prep scripts use
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "torch.${oc.env:X}", "torch.nn._private",
+                                    " t2i.nn.unet.UNet", "t2i", 3])
+def test_check_export_targets_refuses_without_importing(target):
+    with pytest.raises(ExportError, match=r"export\.yaml: refusing to build a\[0\]\.b\._target_="):
+        check_export_targets({"a": [{"b": {"_target_": target}}]}, "export.yaml")
+
+
+def test_legitimate_exports_still_load(tiny_vae_export, tiny_ldm_export, tiny_clip_export):
+    for export in (tiny_vae_export, tiny_ldm_export, tiny_clip_export):
+        found = dict(check_export_targets(read_export(export).config["model"], export, "model"))
+        assert found and all(t.startswith(("t2i.", "torch.")) for t in found.values())
+    assert load_autoencoder(tiny_vae_export).latent_channels == 4
+    pipe = LatentDiffusionPipeline.from_export(tiny_ldm_export)
+    assert "text_encoder" in pipe.net and pipe.first_stage is not None
+    assert OpenClipTextEncoder.from_clip_export(tiny_clip_export).width == 32
+    optimizer = read_export(tiny_ldm_export).config["model"]["optimizer"]  # a _partial_ torch class
+    assert resolve_export_target(optimizer["_target_"], "test").__name__ == "AdamW"
+    built = build_from_config(optimizer, "test", "model.optimizer")
+    assert built.func.__name__ == "AdamW" and built.keywords["lr"] == optimizer["lr"]
