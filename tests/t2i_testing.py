@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 from PIL import Image
 
@@ -104,3 +110,96 @@ def load_toy_recipe(name: str) -> tuple[dict, dict]:
     steps = {s["name"]: s for s in recipe["steps"]}
     steps["data"]["run"] = ["python", "-c", "print('data ready')"]
     return recipe, steps
+
+
+# ---- training runs in a subprocess (pre-emption and crash tests) -------------------------------------------------
+
+class TrainProcess:
+    """``python -m t2i.cli.train <overrides>`` in a subprocess (one intra-op thread), its output in a file that the
+    test polls: progress is read from the progress bar (``Epoch 0:  10%|...| 3/30``), never guessed with sleeps."""
+
+    PROGRESS = re.compile(r"Epoch \d+:[^|\r\n]*\|[^|\r\n]*\| *(\d+)/")
+
+    def __init__(self, overrides: list[str], log_path: Path):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log_path = Path(log_path)
+        with open(self.log_path, "wb") as log:  # the child holds its own descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "t2i.cli.train", *overrides], cwd=REPO, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def progress(self) -> int:
+        """The last batch count the progress bar showed; -1 before training started."""
+        found = self.PROGRESS.findall(self.output())
+        return int(found[-1]) if found else -1
+
+    def wait_for_progress(self, at_least: int = 0, timeout: float = 180.0) -> int:
+        """Poll until the progress bar shows `at_least` batches (0: training has started); the count seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            n = self.progress()
+            if n >= at_least:
+                return n
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run exited ({self.proc.returncode}) before batch {at_least}:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.02)
+        self.proc.kill()
+        raise AssertionError(f"no batch {at_least} within {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+    def wait(self, timeout: float = 180.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the run did not exit within {timeout:.0f}s:\n{self.output()[-4000:]}") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict, atol: float = 1e-6) -> None:
+    """Two Lightning checkpoints hold the same training state: step, weights (EMA included), optimizer moments and
+    hyperparameters, LR schedulers, every rank's random states and the data position."""
+    import torch
+    assert a["global_step"] == b["global_step"]
+    sa, sb = a["state_dict"], b["state_dict"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"])
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        assert oa["state"].keys() == ob["state"].keys()
+        for i in oa["state"]:
+            for name, v in oa["state"][i].items():
+                torch.testing.assert_close(v, ob["state"][i][name], rtol=0, atol=atol,
+                                           msg=lambda m, i=i, name=name: f"optimizer state {i}.{name}: {m}")
+        assert oa["param_groups"] == ob["param_groups"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    ra, rb = a["callbacks"]["RngStateCallback"]["per_rank"], b["callbacks"]["RngStateCallback"]["per_rank"]
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):
+        assert x.keys() == y.keys()
+        torch.testing.assert_close(x["torch"], y["torch"], rtol=0, atol=0)
+        assert x["python"][0] == y["python"][0] and x["python"][2] == y["python"][2]
+        assert torch.equal(x["python"][1], y["python"][1]), "python random state differs"
+        assert x["numpy"][0] == y["numpy"][0] and x["numpy"][2:] == y["numpy"][2:]
+        assert torch.equal(x["numpy"][1], y["numpy"][1]), "numpy random state differs"
+    pa = a["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert pa == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+
+
+class RecordStartStep(L.Callback):
+    """``+callbacks.start._target_=t2i_testing.RecordStartStep +callbacks.start.path=FILE``: writes the global step
+    that training started from (0, or the step a resume restored) to FILE."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.write_text(str(trainer.global_step))

@@ -46,11 +46,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if self.keep_previous and path.is_file():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed save (full disk, unpicklable object) leaves no partial file
+            raise
+        # a damaged `path` (the run resumed from .prev) must not replace the one intact version in .prev
+        if self.keep_previous and path.is_file() and zipfile.is_zipfile(path):
             prev = path.with_name(path.name + PREVIOUS_SUFFIX)
             prev_tmp = prev.with_name(prev.name + ".tmp")
             prev_tmp.unlink(missing_ok=True)

@@ -25,7 +25,13 @@ from t2i.callbacks.final_checkpoint import FinalCheckpoint
 from t2i.callbacks.preemption import Preempted, PreemptionCheckpoint
 from t2i.callbacks.rng_state import RngStateCallback
 from t2i.callbacks.stage_tag import StageTag
-from t2i.checkpointing import AtomicCheckpointIO, check_stage_tag, choose_resume_checkpoint
+from t2i.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_stage_tag,
+    checkpoint_problem,
+    choose_resume_checkpoint,
+)
 from t2i.cli.batch import apply_global_batch
 from t2i.cli.config import config_dir
 from t2i.exports import write_export
@@ -53,6 +59,9 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
         return str(last) if last else None
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    problem = checkpoint_problem(ckpt_path)
+    if problem:
+        raise CheckpointError(f"cannot resume from {ckpt_path}: {problem}")
     return ckpt_path
 
 
@@ -105,12 +114,12 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer = build_trainer(cfg, run_dir)
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
+    if ckpt:  # a damaged checkpoint or one of another stage fails here too: the run folder stays as it was
+        check_stage_tag(ckpt, model)
     if trainer.is_global_zero:
         (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True),
                                                          sort_keys=False), encoding="utf-8")
-    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
-    if ckpt:
-        check_stage_tag(ckpt, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # a checkpoint never runs code
     except SIGTERMException:
