@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from t2i_testing import tiny_ldm_overrides, tiny_overrides
+from t2i_testing import recipe_strategy_overrides, tiny_ldm_overrides, tiny_overrides
 
 from t2i.cli.recipe import RecipeError, RecipeRunner
 
@@ -36,16 +36,18 @@ def write_recipe(tmp_path, shapes) -> str:
 
 
 @pytest.mark.slow
-def test_recipe_runs_skips_and_retrains_only_what_changed(small_shapes, tmp_path, capfd):
+@pytest.mark.parametrize("strategy", ["default", "zero3_cpu"])
+def test_recipe_runs_skips_and_retrains_only_what_changed(small_shapes, tmp_path, capfd, strategy, monkeypatch):
     path = write_recipe(tmp_path, small_shapes)
-    exports = RecipeRunner(path).run()
+    overrides = recipe_strategy_overrides(strategy, monkeypatch)
+    exports = RecipeRunner(path, overrides).run()
     assert (exports["ldm"]["export"] / "stage.json").is_file()
     assert (tmp_path / "ldm" / "eval" / "report.md").is_file()
     capfd.readouterr()
-    RecipeRunner(path).run()
+    RecipeRunner(path, overrides).run()
     out = capfd.readouterr().out
     assert out.count("matches its config") == 2
-    RecipeRunner(path, ["ldm.model.sampler.steps=4"]).run()
+    RecipeRunner(path, [*overrides, "ldm.model.sampler.steps=4"]).run()
     out = capfd.readouterr().out
     assert "vae: export" in out and "ldm: config changed" in out
 

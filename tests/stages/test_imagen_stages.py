@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
-from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe
+from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe, recipe_strategy_overrides
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
@@ -169,7 +169,8 @@ def test_generate_cli_imagen(cascades, tmp_path):
 
 
 @pytest.mark.slow
-def test_imagen_recipe_end_to_end(small_shapes, tmp_path):
+@pytest.mark.parametrize("strategy", ["default", "zero3_cpu"])
+def test_imagen_recipe_end_to_end(small_shapes, tmp_path, strategy, monkeypatch):
     """recipes/imagen.yaml at toy sizes: CLIP -> text states -> base -> SR -> classifier -> report."""
     import yaml
 
@@ -189,7 +190,7 @@ def test_imagen_recipe_end_to_end(small_shapes, tmp_path):
                                      table_steps=2, classifier_scales=[0, 1])
     path = tmp_path / "imagen.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    exports = RecipeRunner(str(path)).run()
+    exports = RecipeRunner(str(path), recipe_strategy_overrides(strategy, monkeypatch)).run()
     report = (tmp_path / "base" / "eval" / "report.md").read_text()
     assert "full cascade" in report and "dynamic" in report and "classifier guidance" in report
     assert (tmp_path / "base" / "eval" / "guidance_x_thresholding.png").is_file()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe
+from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe, recipe_strategy_overrides
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
@@ -166,7 +166,8 @@ def test_decoder_refuses_embeddings_of_another_width(clip_shards, tiny_clip_expo
 
 
 @pytest.mark.slow
-def test_unclip_recipe_end_to_end(small_shapes, tmp_path):
+@pytest.mark.parametrize("strategy", ["default", "zero3_cpu"])
+def test_unclip_recipe_end_to_end(small_shapes, tmp_path, strategy, monkeypatch):
     """recipes/unclip.yaml's chain at toy sizes: CLIP -> embeddings -> prior -> decoder -> upsampler -> report."""
     import yaml
 
@@ -189,7 +190,7 @@ def test_unclip_recipe_end_to_end(small_shapes, tmp_path):
     steps["evaluate"]["args"].update(val_manifest=str(small_shapes / "val"), num_prompts=4, num_real=4)
     path = tmp_path / "unclip.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    exports = RecipeRunner(str(path)).run()
+    exports = RecipeRunner(str(path), recipe_strategy_overrides(strategy, monkeypatch)).run()
     report = (tmp_path / "decoder" / "eval" / "report.md").read_text()
     assert "full chain" in report and "prior samples" in report
     assert (tmp_path / "decoder" / "eval" / "variations.png").is_file()

@@ -237,6 +237,12 @@ class OpenClipTextEncoder(nn.Module):
             return self.tower.width
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
 
+    def zero3_external_parameters(self) -> list[nn.Parameter]:
+        """The tower's parameters that `_encode` reads directly (not through a submodule call): DeepSpeed ZeRO-3
+        must gather them for this module's forward (`t2i.distributed.deepspeed.register_external_parameters`)."""
+        t = self.tower
+        return [p for p in (t.positional_embedding, t.text_projection) if isinstance(p, nn.Parameter)]
+
     def parameters_unused_without_pooled(self) -> list[nn.Parameter]:
         """Parameters that only the pooled embedding depends on (the projection; with penultimate-layer states, the
         last block and the final norm too). A stage whose UNet takes no pooled vector freezes them: they would get

@@ -79,6 +79,12 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
                              f"would cast the noise schedule, frozen parts and the EMA")
         DeepSpeedStrategy.precision_plugin.fset(self, plugin)
 
+    def _setup_model_and_optimizer(self, model, *args, **kwargs):
+        if self.zero_stage_3:
+            register_external_parameters(model)
+        with _broadcastable_scalar_parameters():
+            return super()._setup_model_and_optimizer(model, *args, **kwargs)
+
     def setup_environment(self) -> None:
         """Lightning refuses DeepSpeed without CUDA. DeepSpeed itself runs on the CPU (its CPU accelerator, gloo),
         which is how the tests exercise ZeRO on machines without a GPU; that needs the CPU accelerator chosen
@@ -123,6 +129,63 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
+
+
+def register_external_parameters(model: torch.nn.Module) -> int:
+    """ZeRO-3 gathers a module's own parameters when its forward runs. A module that reads parameters of its
+    children directly (not by calling them) lists them in ``zero3_external_parameters()``; they are registered
+    with DeepSpeed so that they are gathered for its forward too. `nn.MultiheadAttention` is one such module
+    (it reads ``out_proj.weight`` without calling ``out_proj``; open_clip's towers use it). Returns how many
+    were registered."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    count = 0
+    for module in model.modules():
+        params = list(getattr(module, "zero3_external_parameters", list)())
+        if isinstance(module, torch.nn.MultiheadAttention):
+            params += list(module.out_proj.parameters())
+        for param in params:
+            register_external_parameter(module, param)
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _broadcastable_scalar_parameters():
+    """DeepSpeed broadcasts rank 0's parameters as bytes with ``p.data.view(torch.uint8)``, which fails for a 0-dim
+    parameter (CLIP's ``logit_scale``), both when the engine starts (`DeepSpeedEngine._broadcast_model`) and when
+    ZeRO-3 partitions parameters (`Init._zero_init_param`). Inside this context both broadcast a flat view of
+    the same storage instead (``p.data.reshape(-1)``, identical bytes); nothing else changes."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original_broadcast_model, original_zero_init_param = DeepSpeedEngine._broadcast_model, Init._zero_init_param
+
+    def broadcast_model(engine) -> None:
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original_broadcast_model(engine)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    def zero_init_param(init, param) -> None:
+        if param.dim() != 0:
+            return original_zero_init_param(init, param)
+        init._convert_to_deepspeed_param(param)
+        group = init.get_partition_dp_group(param)
+        src = 0 if dist.get_world_group() == group else dist.get_global_rank(group, 0)
+        dist.broadcast(param.data.reshape(-1).view(torch.uint8), src, group)
+        param.partition()
+
+    DeepSpeedEngine._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model, Init._zero_init_param = original_broadcast_model, original_zero_init_param
 
 
 def swap_in(new: Path, target: Path) -> None:
