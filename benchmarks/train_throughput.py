@@ -12,8 +12,7 @@ table. Data: synthetic shards written into a temp dir (precomputed ``latent.npy`
 and a tiny random VAE export (the stage loads its first stage even when the latents come precomputed).
 
 - ``--config tiny``: the `experiment=tiny/ldm` stage (7.0M-parameter UNet on 4x8x8 latents, its small text
-  transformer trained jointly, captions tokenized every step), with ``model.text_encoder.output_dim=null``: the
-  tower's pooled projection feeds nothing in the LDM loss and DDP refuses a parameter without a gradient.
+  transformer trained jointly, captions tokenized every step).
 - ``--config sd``: `experiment=ldm/ldm` with an SD-1.5-sized UNet (model_channels 320, channel_mult 1,2,4,4, 2 res
   blocks, attention at the first three levels, context_dim 768; heads of 64 channels and linear projections as in
   configs/model/ldm.yaml, ``--head-channels 0`` for SD 1.5's 8 heads) on 4x32x32 latents (256px images), with
@@ -90,8 +89,7 @@ def overrides(args, work: Path, strategy: str) -> list[str]:
         "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
     ]
     if args.config == "tiny":
-        # output_dim=null: see the module docstring (DDP without find_unused_parameters)
-        specific = ["experiment=tiny/ldm", "data.array_fields=[latent.npy]", "model.text_encoder.output_dim=null"]
+        specific = ["experiment=tiny/ldm", "data.array_fields=[latent.npy]"]
     else:
         heads = ([f"model.denoiser.num_head_channels={args.head_channels}"] if args.head_channels > 0
                  else ["model.denoiser.num_head_channels=-1", "model.denoiser.num_heads=8"])

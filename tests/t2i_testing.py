@@ -121,12 +121,13 @@ class TrainProcess:
 
     PROGRESS = re.compile(r"(?:Epoch \d+|Training):[^|\r\n]*\|[^|\r\n]*\| *(\d+)/")  # fresh or resumed run
 
-    def __init__(self, overrides: list[str], log_path: Path):
+    def __init__(self, overrides: list[str], log_path: Path, command: list[str] | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log_path = Path(log_path)
+        command = command or [sys.executable, "-m", "t2i.cli.train"]
         with open(self.log_path, "wb") as log:  # the child holds its own descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "t2i.cli.train", *overrides], cwd=REPO, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*command, *overrides], cwd=REPO, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         return self.log_path.read_bytes().decode(errors="replace")

@@ -124,7 +124,8 @@ def train(cfg: DictConfig) -> TrainResult:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # a checkpoint never runs code
     except SIGTERMException:
         preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
-        raise Preempted(preemption.received, preemption.path, trainer.global_step) from None
+        raise Preempted(preemption.received, preemption.path, trainer.global_step,
+                        preemption.previous_handler) from None
     last = run_dir / "checkpoints" / "last.ckpt"  # written by FinalCheckpoint at the end of training
     metrics = _float_metrics(trainer.callback_metrics)
     if cfg.get("final_validation", True) and datamodule.val_data is not None and not trainer.fast_dev_run:
@@ -143,6 +144,7 @@ def main(cfg: DictConfig) -> None:
         result = train(cfg)
     except Preempted as e:
         print(f"[t2i] {e}", flush=True)
+        e.hand_over()  # submitit's handler requeues the job and exits here
         sys.exit(e.exit_code)
     print(f"[t2i] run: {result.run_dir}  export: {result.export_dir}")
     for k, v in sorted(result.metrics.items()):

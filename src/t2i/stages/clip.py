@@ -108,8 +108,9 @@ class ClipStage(L.LightningModule):
         self.log("train/samples_trimmed", float(len(batch["caption"]) - n), reduce_fx="sum", batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        with torch.no_grad():  # as open_clip does after every optimizer step
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():  # as open_clip does after every optimizer step (before checkpoints are written)
             self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def on_validation_epoch_start(self) -> None:

@@ -176,6 +176,13 @@ class DiffusionStage(L.LightningModule):
                 return dm.on_after_batch_transfer(batch, 0)
         return None
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The EMA follows each optimizer step here, before any callback's ``on_train_batch_end`` (where periodic
+        checkpoints are written): a checkpoint at step N holds the EMA of step N."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.net)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Once per optimizer step (not per batch: gradient accumulation runs several batches a step)."""
         step = self.global_step
@@ -183,7 +190,6 @@ class DiffusionStage(L.LightningModule):
             return
         self._last_step_seen = step
         if self.ema is not None:
-            self.ema.update(self.net)
             self.log("train/ema_decay", self.ema.current_decay())
         if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.can_sample():
             self.log_samples(f"samples/step{step}")
