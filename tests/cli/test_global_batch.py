@@ -83,3 +83,12 @@ def test_without_global_batch_nothing_changes(small_shapes, tmp_path, capsys):
     assert trainer.accumulate_grad_batches == 2 and cfg.model.optimizer.lr == pytest.approx(1e-3)
     out = capsys.readouterr().out
     assert "[t2i] global batch 16 = 8 per device x 1 devices x 2 accumulation steps\n" in out
+
+
+def test_accumulation_is_refused_for_a_manually_optimized_stage(small_shapes, tmp_path):
+    """The VAE steps its optimizers itself (GAN branch): a global batch needing accumulation is a clear error,
+    raised before training and before the run folder's config is written."""
+    run = tmp_path / "vae"
+    with pytest.raises(ValueError, match=r"manual optimization.*data\.batch_size and more devices"):
+        train(compose_config(tiny_overrides(small_shapes, run, "global_batch_size=32", "data.batch_size=8")))
+    assert not (run / "config.yaml").exists()

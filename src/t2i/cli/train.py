@@ -114,6 +114,11 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer = build_trainer(cfg, run_dir)
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
+    if trainer.accumulate_grad_batches > 1 and not model.automatic_optimization:
+        raise ValueError(f"gradient accumulation ({trainer.accumulate_grad_batches} batches per step, from "
+                         f"global_batch_size or trainer.accumulate_grad_batches) is not supported by the "
+                         f"{model.stage_name!r} stage, which steps its optimizers itself (manual optimization); "
+                         f"reach the global batch with data.batch_size and more devices instead")
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if ckpt:  # a damaged checkpoint or one of another stage fails here too: the run folder stays as it was
         check_stage_tag(ckpt, model)
