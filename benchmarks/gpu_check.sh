@@ -14,8 +14,8 @@ OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 echo "== gpu tests"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
-echo "== (the gpu tests include the tiny GLIDE cascade: base + SR train in bf16 and sample on the GPU)"
+python3 -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests 2>&1 | tail -15
+echo "== (the gpu tests include the tiny GLIDE cascade in bf16, and the tiny LDM under ZeRO-2/3 against plain training)"
 echo "== LDM stage training throughput per strategy: SD-sized UNet (860M), 32x32x4 latents, bf16, batch 32"
 echo "   (goal: MFU >= 35% under ddp on an H100; each strategy at most 100 s, all of them at most 240 s)"
 python3 benchmarks/train_throughput.py --config sd --device cuda --batch 32 --steps 20 --warmup 5 --channels-last \

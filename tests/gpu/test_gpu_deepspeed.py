@@ -39,8 +39,10 @@ def plain_fp32(small_shapes, tiny_vae_export, tmp_path_factory):
     return checkpoint_state(run / "checkpoints" / "last.ckpt")[0]
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
-                                      "deepspeed_stage_3", "deepspeed_stage_3_offload"])
+@pytest.mark.parametrize("strategy", [  # gpu_check.sh runs the unmarked ones (its time is short)
+    "deepspeed_stage_2", "deepspeed_stage_3", pytest.param("deepspeed_stage_1", marks=pytest.mark.slow),
+    pytest.param("deepspeed_stage_2_offload", marks=pytest.mark.slow),
+    pytest.param("deepspeed_stage_3_offload", marks=pytest.mark.slow)])
 def test_zero_fp32_equals_plain_training_on_gpu(small_shapes, tiny_vae_export, plain_fp32, tmp_path, strategy):
     run = tmp_path / strategy
     _run(small_shapes, tiny_vae_export, run, f"strategy={strategy}", "trainer.precision=32-true", "export=false")
