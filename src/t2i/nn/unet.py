@@ -44,16 +44,17 @@ class ResBlock(nn.Module):
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
-                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False, num_groups: int = 32):
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False, num_groups: int = 32,
+                 eps: float = 1e-6):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = "up" if up else "down" if down else None
-        self.in_layers = nn.Sequential(group_norm(channels, num_groups), nn.SiLU(),
+        self.in_layers = nn.Sequential(group_norm(channels, num_groups, eps), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
-        self.out_layers = nn.Sequential(group_norm(out_channels, num_groups), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(group_norm(out_channels, num_groups, eps), nn.SiLU(), nn.Dropout(dropout),
                                         _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
@@ -130,7 +131,9 @@ class UNet(nn.Module):
     Liu et al. 2018): convolutions alone see absolute position only through the zero padding at the border,
     and a text-to-image model must place what the caption says where it says. ``self_attention=False`` keeps
     only the cross-attention in the transformer blocks (Imagen's 256->1024 SR model: trained on crops,
-    sampled at full size, still reading the text).
+    sampled at full size, still reading the text). ``norm_eps`` is the GroupNorm epsilon of the residual blocks
+    and the output norm: Stable Diffusion's (openaimodel ``normalization``, diffusers ``norm_eps``) is 1e-5; the
+    transformers' input norms keep 1e-6 as in SD.
     """
 
     def __init__(self, in_channels: int, out_channels: int, model_channels: int,
@@ -140,7 +143,8 @@ class UNet(nn.Module):
                  use_linear_projection: bool = False, vector_dim: int | None = None, concat_channels: int = 0,
                  resblock_updown: bool = False, use_scale_shift_norm: bool = False, dropout: float = 0.0,
                  num_groups: int = 32, gradient_checkpointing: bool = False, efficient: bool = False,
-                 middle_attention: bool = True, coordinate_channels: bool = False, self_attention: bool = True):
+                 middle_attention: bool = True, coordinate_channels: bool = False, self_attention: bool = True,
+                 norm_eps: float = 1e-6):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult:
@@ -174,7 +178,7 @@ class UNet(nn.Module):
                                       num_groups=num_groups, self_attention=self_attention)
 
         def res(ch: int, out: int, **kw) -> ResBlock:
-            return ResBlock(ch, emb_dim, out, dropout, use_scale_shift_norm, num_groups=num_groups, **kw)
+            return ResBlock(ch, emb_dim, out, dropout, use_scale_shift_norm, num_groups=num_groups, eps=norm_eps, **kw)
 
         def down(ch: int) -> nn.Module:
             return res(ch, ch, down=True) if resblock_updown else Downsample(ch)
@@ -220,7 +224,7 @@ class UNet(nn.Module):
 
         # efficient: the one full-resolution block, over [upsampled features, conv_in's features / sqrt(2)]
         self.full_res_block = EmbedSequential(res(ch + model_channels, ch)) if efficient else None
-        self.out = nn.Sequential(group_norm(ch, num_groups), nn.SiLU(),
+        self.out = nn.Sequential(group_norm(ch, num_groups, norm_eps), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def _run(self, block: EmbedSequential, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
