@@ -24,6 +24,7 @@ from t2i.conditioning.dropout import CondDropout
 from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
 from t2i.diffusion import diffusion_loss, make_schedule
 from t2i.images import log_grid
+from t2i.interop.unet_init import load_unet_weights
 from t2i.nn.ema import EMA
 from t2i.pipelines.autoencoder import load_autoencoder
 from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
@@ -44,8 +45,11 @@ class DiffusionStage(L.LightningModule):
                  offset_noise: float = 0.0, lr_scheduler: partial | None = None, ema_decay: float = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, sample_prompts: list | None = None,
                  sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
-                 stage_name: str = "ldm", extra_modules: dict[str, nn.Module] | None = None):
+                 stage_name: str = "ldm", extra_modules: dict[str, nn.Module] | None = None,
+                 denoiser_init: str | None = None):
         super().__init__()
+        if denoiser_init:  # imported weights (t2i.cli.import_weights): before the EMA copies the network
+            load_unet_weights(denoiser, denoiser_init)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         if latents_from not in ("image", "batch", "pixels", None):
