@@ -189,3 +189,20 @@ def test_hub_model_names_are_refused(tmp_path):
     """A name that would make open_clip fetch a config over the network is an error, never a download."""
     with pytest.raises(ValueError, match="hf-hub"):
         OpenClipTextEncoder("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", tmp_path / "none.bin")
+
+
+def test_stable_diffusion_padding_options():
+    """SD's conditioning: all 77 states attended (padding included), SD 1.x pads with end-of-text."""
+    torch.manual_seed(0)
+    plain = OpenClipTextEncoder.from_config(width=32, layers=1, heads=2, context_length=12, output_dim=None)
+    sd1 = OpenClipTextEncoder(tower=plain.tower, attend_to_padding=True, pad_with_eot=True)
+    ids, mask = plain.tokenize(["a red circle"])
+    out = sd1(["a red circle"])
+    assert out.mask.all() and not mask.all()
+    eot_padded = torch.where(mask, ids, torch.full_like(ids, plain.tokenizer.eot_id))
+    with torch.no_grad():
+        expected, _ = plain._encode(eot_padded)
+    torch.testing.assert_close(out.context, expected)
+    kept = mask[0]
+    torch.testing.assert_close(out.context[0, kept], plain(["a red circle"]).context[0, kept])  # causal: same
+    torch.testing.assert_close(out.pooled, plain(["a red circle"]).pooled)  # pooled at the first EOT

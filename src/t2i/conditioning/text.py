@@ -135,12 +135,18 @@ class OpenClipTextEncoder(nn.Module):
 
     ``forward(text)`` takes a string, a list of strings (tokenized inside) or token ids (B, L') with
     L' <= the model's context length.
+
+    Stable Diffusion's text conditioning, for imported SD weights: ``attend_to_padding=True`` returns an
+    all-True mask (SD's UNet cross-attends to all 77 states, padding included), and ``pad_with_eot=True`` pads
+    with the end-of-text token instead of 0 (SD 1.x's transformers tokenizer does; SD 2.x's open_clip pads 0).
     """
 
     def __init__(self, arch: str | None = None, checkpoint_path: str | Path | None = None, *,
                  layer: str = "last", penultimate_ln: bool = True, context_length: int | None = None,
-                 force_quick_gelu: bool = False, tower: TextTransformer | None = None):
+                 force_quick_gelu: bool = False, tower: TextTransformer | None = None,
+                 attend_to_padding: bool = False, pad_with_eot: bool = False):
         super().__init__()
+        self.attend_to_padding, self.pad_with_eot = attend_to_padding, pad_with_eot
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
         if tower is None:
@@ -276,6 +282,10 @@ class OpenClipTextEncoder(nn.Module):
             ids, mask = self.tokenizer(text)
         device = self.tower.positional_embedding.device
         ids, mask = ids.to(device=device, dtype=torch.long), mask.to(device)
+        if self.pad_with_eot:
+            ids = torch.where(mask, ids, torch.full_like(ids, self.tokenizer.eot_id))
+        if self.attend_to_padding:
+            mask = torch.ones_like(mask)
         with torch.no_grad() if self.frozen else torch.enable_grad():
             context, pooled = self._encode(ids)
         return TextEncoding(context, mask, pooled)
