@@ -6,6 +6,19 @@ directory (any stage, gathered on the CPU), so that pipelines and later stages n
 The model is rebuilt from the run's resolved config (``<run_dir>/config.yaml``, written at the start of
 training), the checkpoint's weights are loaded strictly (EMA included), and the export holds what the stage
 exports (EMA weights when EMA is on), with its export metrics (e.g. the VAE's latent scale) recomputed.
+
+An LDM stage export handed to the diffusers ecosystem (t2i.interop.diffusers_export):
+
+    python -m t2i.cli.export format=diffusers export=runs/tiny-ldm/export out=DIR [vae_export=DIR]
+        [spacing=leading|trailing|linspace] [text_encoder=auto|skip]
+    python -m t2i.cli.export format=diffusers run_dir=runs/tiny-ldm out=DIR      # the run's export folder
+    python -m t2i.cli.export format=single_file export=runs/tiny-ldm/export out=FILE.safetensors
+
+format=diffusers writes a StableDiffusionPipeline folder (unet/, vae/, scheduler/, model_index.json, and
+text_encoder/ + tokenizer/ when transformers is importable; README.md says what was written and why not);
+format=single_file one SD 2-layout CompVis checkpoint (model.diffusion_model.*, first_stage_model.*,
+cond_stage_model.model.*). Without out=, they go next to the export: <export>/../diffusers and
+<export>/../model.safetensors.
 """
 
 from __future__ import annotations
@@ -71,18 +84,84 @@ def export_from_checkpoint(config: dict, ckpt: str | Path, out: str | Path, metr
                         extra={"global_step": step, "from_checkpoint": str(ckpt)})
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="+", help="run_dir=DIR [ckpt=last|PATH] [out=DIR]")
-    kv = dict(a.split("=", 1) for a in parser.parse_args(argv).args)
-    unknown = set(kv) - {"run_dir", "ckpt", "out"}
-    if unknown or "run_dir" not in kv:
-        parser.error(f"expected run_dir=DIR [ckpt=last|PATH] [out=DIR], got {sorted(kv)}")
-    run_dir = Path(kv["run_dir"])
+FORMATS = ("export", "diffusers", "single_file")
+_KEYS = {"export": {"run_dir", "ckpt", "out", "format"},
+         "diffusers": {"run_dir", "export", "out", "format", "vae_export", "spacing", "text_encoder"},
+         "single_file": {"run_dir", "export", "out", "format", "vae_export", "spacing"}}
+_USAGE = {"export": "run_dir=DIR [ckpt=last|PATH] [out=DIR]",
+          "diffusers": "format=diffusers export=DIR|run_dir=DIR [out=DIR] [vae_export=DIR] [spacing=leading|trailing|"
+                       "linspace] [text_encoder=auto|skip]",
+          "single_file": "format=single_file export=DIR|run_dir=DIR [out=FILE.safetensors] [vae_export=DIR] "
+                         "[spacing=...]"}
+
+
+def _run_config(run_dir: Path) -> dict:
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise SystemExit(f"{config_file} not found: run_dir must be a training run's folder (train.py writes it)")
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    return yaml.safe_load(config_file.read_text(encoding="utf-8"))
+
+
+def _interop(fmt: str, kv: dict[str, str]) -> None:
+    """format=diffusers / single_file: an LDM stage export -> a diffusers folder / one SD checkpoint file."""
+    from t2i.exports import ExportError
+    from t2i.interop.diffusers_export import DiffusersExportError, export_diffusers, export_single_file
+
+    if ("export" in kv) == ("run_dir" in kv):
+        raise SystemExit(f"format={fmt} takes export=DIR (an LDM stage export) or run_dir=DIR (its run), one of them")
+    if "export" in kv:
+        export = Path(kv["export"])
+    else:
+        run_dir = Path(kv["run_dir"])
+        export = Path(_run_config(run_dir).get("export_dir") or run_dir / "export")
+    default = export.parent / ("diffusers" if fmt == "diffusers" else "model.safetensors")
+    out = Path(kv.get("out", default))
+    try:
+        if fmt == "diffusers":
+            result = export_diffusers(export, out, vae_export=kv.get("vae_export"), spacing=kv.get("spacing"),
+                                      text_encoder=kv.get("text_encoder", "auto"))
+        else:
+            result = export_single_file(export, out, vae_export=kv.get("vae_export"), spacing=kv.get("spacing"))
+    except (ExportError, DiffusersExportError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"[t2i] cannot export {export} as format={fmt}: {e}") from None
+    for warning in result.warnings:
+        print(f"[t2i] WARNING: {warning}")
+    if fmt == "diffusers":
+        sched = result.scheduler
+        kind = (f"beta_schedule={sched.config['beta_schedule']}" if sched.named else "trained_betas")
+        print(f"[t2i] scheduler: DDIMScheduler {kind}, prediction_type={sched.config['prediction_type']}, "
+              f"timestep_spacing={sched.config['timestep_spacing']}, rescale_betas_zero_snr="
+              f"{sched.config['rescale_betas_zero_snr']} (alphas_cumprod within {sched.max_abs_error:.1e} of t2i's)")
+        for note in result.notes:
+            print(f"[t2i] note: {note}")
+        print(f"[t2i] text encoder: {'written' if result.text_encoder_written else 'NOT written'}"
+              f"{f' ({result.text_encoder_note})' if result.text_encoder_note else ''}")
+        print(f"[t2i] diffusers StableDiffusionPipeline folder written to {result.folder} (from {export}; see "
+              f"{result.folder / 'README.md'})")
+    else:
+        print(f"[t2i] single-file checkpoint written to {result.path} ({result.num_tensors} tensors, from {export})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="+", help="run_dir=DIR [ckpt=last|PATH] [out=DIR], or format=diffusers|"
+                                                "single_file export=DIR|run_dir=DIR [out=...]")
+    items = parser.parse_args(argv).args
+    bad = [a for a in items if "=" not in a]
+    if bad:
+        parser.error(f"arguments are key=value, got {bad}")
+    kv = dict(a.split("=", 1) for a in items)
+    fmt = kv.get("format", "export")
+    if fmt not in FORMATS:
+        parser.error(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    unknown = set(kv) - _KEYS[fmt]
+    if unknown or (fmt == "export" and "run_dir" not in kv):
+        parser.error(f"expected {_USAGE[fmt]}, got {sorted(kv)}")
+    if fmt != "export":
+        _interop(fmt, kv)
+        return
+    run_dir = Path(kv["run_dir"])
+    config = _run_config(run_dir)
     ckpt = kv.get("ckpt", "last")
     ckpt = run_dir / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(ckpt)
     out = Path(kv.get("out", config.get("export_dir") or run_dir / "export"))
