@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.cli.options import parse_key_values
 from t2i.images import save_png, to_uint8
 from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
@@ -74,21 +75,7 @@ class GenerateOptions:
 
 
 def parse_options(argv: list[str]) -> GenerateOptions:
-    fields = {f.name: f for f in dataclasses.fields(GenerateOptions)}
-    values = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(f"expected key=value, got {arg!r} (see --help)")
-        key, value = arg.split("=", 1)
-        if key not in fields:
-            raise SystemExit(f"unknown option {key!r}; options: {', '.join(fields)}")
-        kind = fields[key].type
-        if value.lower() in ("none", "null") and "None" in kind:
-            values[key] = None
-            continue
-        values[key] = (int(value) if kind.startswith("int") else float(value) if kind.startswith("float")
-                       else value)
-    return GenerateOptions(**values)
+    return parse_key_values(GenerateOptions, argv)
 
 
 def read_prompts(opts: GenerateOptions) -> list[str]:
