@@ -87,3 +87,10 @@ def test_unknown_key_access_is_an_error():
     cfg = compose_config(["experiment=tiny/vae"])
     with pytest.raises((ConfigAttributeError, ConfigKeyError)):
         _ = cfg.trainer.max_stepz
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if not e.startswith("tiny/")])
+def test_real_size_experiments_require_the_users_shards(experiment):
+    """A forgotten data.train_manifest is an error, never a silent run on the built-in shapes data."""
+    cfg = compose_config([f"experiment={experiment}"])
+    assert OmegaConf.is_missing(cfg.data, "train_manifest"), cfg.data.train_manifest

@@ -1,0 +1,100 @@
+"""docs/configuration.md is generated from configs/ and kept up to date (python -m t2i.cli.config_reference)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from t2i.cli import config_reference as cr
+from t2i.cli.config import config_dir
+
+
+@pytest.fixture(scope="module")
+def generated() -> str:
+    return cr.generate()
+
+
+def test_committed_reference_is_up_to_date(generated):
+    committed = cr.default_out().read_text()
+    assert committed == generated, (
+        "docs/configuration.md is stale: regenerate it with `python -m t2i.cli.config_reference` "
+        "(make config-docs) and commit it")
+
+
+def test_every_config_file_is_documented(generated):
+    files = sorted(p.relative_to(config_dir()).as_posix() for p in config_dir().rglob("*.yaml"))
+    assert len(files) > 40
+    missing = [f for f in files if f"`configs/{f}`" not in generated]
+    assert not missing
+
+
+def test_comments_values_and_constructor_defaults(generated):
+    # the comment written next to a key in configs/train.yaml
+    assert ("| `global_batch_size` | `null` | fix the global batch: accumulation = this / "
+            "(data.batch_size x devices x nodes) |") in generated
+    # a comment on the lines directly above a key (experiment/tiny/imagen_base.yaml: model.sampler)
+    assert "| `model.sampler` | `{steps: 25, eta: 0.0, guidance_scale: 3.0, thresholding: static, " in generated
+    assert "100 held-out prompts, DDIM 25 steps, CFG 3" in generated
+    # constructor arguments the YAML does not set, with their Python defaults
+    assert "| `model.autoencoder.gradient_checkpointing` | `false` | `AutoencoderKL` |" in generated
+    assert "| `model.text_encoder.penultimate_ln` | `true` | `OpenClipTextEncoder.from_clip_export` |" in generated
+    # ... including those a subclass hands on to its base through **kwargs (DecoderStage -> DiffusionStage)
+    assert "| `model.denoiser_init` | `null` | `DecoderStage` |" in generated
+    # the experiments table: model, data and run folder of each experiment
+    assert ("| [`tiny/ldm`](#experimenttinyldm) | `tiny` | `ldm` | `tiny` | `shapes` | "
+            "`${paths.data}/shapes/train/manifest.json` | `32` | `cpu` | `runs/tiny-ldm` |") in generated
+    assert "### experiment=tiny/vae" in generated
+    assert not re.search(r" at 0x[0-9a-fA-F]+", generated)  # no object addresses: deterministic
+
+
+def test_check_flag(tmp_path, monkeypatch, generated, capsys):
+    monkeypatch.setattr(cr, "generate", lambda root=None: generated)
+    out = tmp_path / "configuration.md"
+    assert cr.main(["--check", "--out", str(out)]) == 1  # missing
+    assert "does not exist" in capsys.readouterr().err
+    assert cr.main(["--out", str(out)]) == 0
+    assert out.read_text() == generated
+    assert cr.main(["--check", "--out", str(out)]) == 0
+    out.write_text(generated.replace("fix the global batch", "fix the batch"))
+    assert cr.main(["--check", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "out of date" in err and "python -m t2i.cli.config_reference" in err and "-| `global_batch_size`" in err
+
+
+def test_parse_yaml_text():
+    text = """# @package _global_
+# The description,
+# on two lines.
+#   python -m t2i.cli.train x=1
+defaults:
+  - override /data: shapes   # not a key
+  - _self_
+
+a: 1                # inline
+# above b
+b:
+  # above c
+  c: "x # y"        # after a quoted hash
+  d: {k: 1}
+# not above: blank line follows
+
+e: [1, 2]
+f:
+  - "- item: 1"
+g: 2
+"""
+    package, description, comments, raw = cr.parse_yaml_text(text)
+    assert package == "_global_"
+    assert description == ["The description,", "on two lines.", "  python -m t2i.cli.train x=1"]
+    assert comments == {("a",): "inline", ("b",): "above b", ("b", "c"): "above c after a quoted hash"}
+    assert raw[("b", "c")] == '"x # y"' and raw[("b", "d")] == "{k: 1}" and raw[("g",)] == "2"
+    assert ("f",) not in raw and ("defaults",) not in raw
+
+
+def test_format_values():
+    assert cr.fmt_value(None) == "null" and cr.fmt_value(True) == "true" and cr.fmt_value(1e-6) == "1e-06"
+    assert cr.fmt_value(("SIGUSR1", "SIGUSR2")) == "[SIGUSR1, SIGUSR2]"
+    assert cr.fmt_value("") == '""' and cr.fmt_value("true") == '"true"' and cr.fmt_value("1") == '"1"'
+    assert cr.fmt_value("a, b") == '"a, b"' and cr.fmt_value("${paths.data}/x") == "${paths.data}/x"
+    assert cr.esc("`a|<b>` <c> | d") == "`a\\|<b>` &lt;c> \\| d"
