@@ -3,6 +3,8 @@ one process run (same decode work: PNG -> RGB -> resize -> uint8 tensor, same ba
 and tiny-VAE training images/s on this machine.
 
     python benchmarks/data_throughput.py [--shards data/shapes/train] [--samples 20000] [--workers 0]
+
+``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def vae_images_per_s(batch: int = 64, resolution: int = 32, steps: int = 20) -> 
     return out[0], out[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="data/shapes/train")
     p.add_argument("--samples", type=int, default=20000)
@@ -76,7 +78,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--resolution", type=int, nargs="+", default=[64, 32])
     p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--vae-batch", type=int, default=64, help="tiny-VAE training batch")
+    p.add_argument("--vae-steps", type=int, default=20, help="timed tiny-VAE training steps (0: skip)")
+    p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
+                   "that gets <name>-<machine>.json (benchmarks/report.py)")
+    args = p.parse_args(argv)
+    figures = {}
     manifest = load_manifest(args.shards)
     urls = [s.url for s in manifest.shards]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
@@ -89,9 +96,21 @@ def main() -> None:
                 bare.append(measure(bare_webdataset_loader(urls, args.batch, workers, res), args.samples))
             print(f"resolution {res:3d}  workers {workers}:  t2i {max(ours):8.0f} samples/s   "
                   f"bare webdataset {max(bare):8.0f} samples/s   ratio {max(ours) / max(bare):.2f}")
-    fp32, bf16 = vae_images_per_s()
-    print(f"tiny VAE training (32px, batch 64, fwd+bwd+Adam): fp32 {fp32:.0f} images/s, "
-          f"bf16 autocast {bf16:.0f} images/s")
+            case = f"{res}px, {workers} worker{'s' if workers != 1 else ''}"
+            figures[f"{case}: t2i datamodule"] = {"value": max(ours), "unit": "samples/s"}
+            figures[f"{case}: bare webdataset"] = {"value": max(bare), "unit": "samples/s"}
+            figures[f"{case}: ratio"] = {"value": max(ours) / max(bare), "unit": "x"}
+    if args.vae_steps > 0:
+        fp32, bf16 = vae_images_per_s(args.vae_batch, steps=args.vae_steps)
+        print(f"tiny VAE training (32px, batch {args.vae_batch}, fwd+bwd+Adam): fp32 {fp32:.0f} images/s, "
+              f"bf16 autocast {bf16:.0f} images/s")
+        figures[f"tiny VAE training, 32px, batch {args.vae_batch}, fp32"] = {"value": fp32, "unit": "images/s"}
+        figures[f"tiny VAE training, 32px, batch {args.vae_batch}, bf16 autocast"] = {"value": bf16,
+                                                                                        "unit": "images/s"}
+    if args.json:
+        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        write_record(args.json, "data_throughput", f"batch {args.batch}", args, figures,
+                     script=__file__, argv=argv)
 
 
 if __name__ == "__main__":

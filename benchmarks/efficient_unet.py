@@ -8,6 +8,7 @@ concatenated, no attention), in one process.
 
 The efficient model's per-level block counts are chosen among a few "more blocks at low resolution"
 layouts as the one whose parameter count is closest to the plain model's (both counts are printed).
+``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def step_time(model: UNet, batch: int, side: int, device: str, dtype: torch.dtyp
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -68,7 +69,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--steps", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
+                    "that gets <name>-<machine>.json (benchmarks/report.py)")
+    args = ap.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     mult = (1, 2, 2)
     torch.manual_seed(0)
@@ -83,6 +86,18 @@ def main() -> None:
         print(f"{name:40s} {params(model) / 1e6:6.2f}M params  {1000 * seconds:8.1f} ms/step  "
               f"{args.batch / seconds:8.1f} images/s")
     print(f"efficient / plain step time: {results[1] / results[0]:.2f}")
+    if args.json:
+        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        figures = {}
+        for (key, model), seconds in zip((("plain", plain), ("efficient", efficient)), results):
+            figures[f"{key} params"] = {"value": params(model), "unit": "params"}
+            figures[f"{key} step"] = {"value": 1000 * seconds, "unit": "ms"}
+            figures[f"{key} images/s"] = {"value": args.batch / seconds, "unit": "images/s"}
+        figures["efficient/plain"] = {"value": results[1] / results[0], "unit": "x",
+                                      "note": f"step time; Efficient U-Net blocks {layout}, plain 2 per level"}
+        variant = f"{args.side}px, batch {args.batch}, {args.channels} channels, {args.dtype}"
+        write_record(args.json, "efficient_unet", variant, args, figures, torch.device(args.device).type,
+                     script=__file__, argv=argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 guidance batched (one call of 2B) against two calls of B.
 
     python benchmarks/sampler.py [--device cuda] [--batch 16]
+
+``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ def run(net, cond, uncond, settings, shape, device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
+                   "that gets <name>-<machine>.json (benchmarks/report.py)")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     unet = UNet(4, 4, 64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
@@ -86,6 +90,17 @@ def main() -> None:
             timings[name] = (time.perf_counter() - start) / 10
     print(f"CFG network time per step: batched {timings['batched 2B'] * 1000:.1f} ms, two calls "
           f"{timings['two calls of B'] * 1000:.1f} ms (batched/two = {timings['batched 2B'] / timings['two calls of B']:.2f})")
+    if args.json:
+        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        figures = {"DDIM total": {"value": 1000 * total, "unit": "ms"},
+                   "network": {"value": 1000 * net.seconds, "unit": "ms"},
+                   "network calls": {"value": net.calls, "unit": "calls"},
+                   "sampler overhead": {"value": 100 * overhead, "unit": "%"},
+                   "CFG one call of 2B": {"value": 1000 * timings["batched 2B"], "unit": "ms"},
+                   "CFG two calls of B": {"value": 1000 * timings["two calls of B"], "unit": "ms"},
+                   "CFG batched/two calls": {"value": timings["batched 2B"] / timings["two calls of B"], "unit": "x"}}
+        write_record(args.json, "sampler", f"DDIM-{args.steps}, batch {b}", args, figures, device.type,
+                     script=__file__, argv=argv)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ PCIe 756, A100 312), ``n/a`` for an unknown device unless ``--peak-tflops`` is g
 batch's latents. DeepSpeed's ZeRO flattens parameters into contiguous buffers and fails on channels_last ones,
 so under DeepSpeed only the latents are converted (cuDNN keeps the activations in the input's layout); the
 "layout" column says which.
+
+``--json PATH`` also writes the table as a JSON record (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -323,6 +325,39 @@ def run_child(args, work: Path, strategy: str, timeout: float) -> dict:
     return {"ok": False, "error": f"exit {code}: {last[:200]}"}
 
 
+def write_json(args, argv: list[str] | None, rows: list[tuple[str, dict]], peak: float | None, per_image: float,
+               fwd: float, params: int) -> None:
+    """The table as a JSON record: "<strategy>: <column>" figures (a strategy that did not run: its images/s null,
+    the reason in the note)."""
+    from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+    figures = {"UNet params": {"value": params, "unit": "params"},
+               "UNet GFLOP/image, forward": {"value": fwd / args.batch / 1e9, "unit": "GFLOP"},
+               "peak TFLOP/s (bf16 dense)": {"value": peak and peak / 1e12, "unit": "TFLOP/s",
+                                             **({} if peak else {"note": "unknown device: no MFU"})}}
+    for strategy, r in rows:
+        if not r.get("ok"):
+            figures[f"{strategy}: images/s"] = {"value": None, "unit": "images/s", "note": r["error"]}
+            continue
+        images = r["global_batch"] / r["iter_s"]
+        mem = r["peak_mem_bytes"] / 2**30 if r["peak_mem_bytes"] is not None else None
+        figures.update({
+            f"{strategy}: global batch": {"value": r["global_batch"], "unit": "images"},
+            f"{strategy}: images/s": {"value": images, "unit": "images/s"},
+            f"{strategy}: step": {"value": 1000 * r["iter_s"], "unit": "ms"},
+            f"{strategy}: in-step": {"value": 1000 * r["step_s"], "unit": "ms"},
+            f"{strategy}: peak mem": {"value": mem, "unit": "GiB"},
+            f"{strategy}: GFLOP/image": {"value": per_image / 1e9, "unit": "GFLOP"},
+            f"{strategy}: TFLOP/s": {"value": per_image * images / 1e12, "unit": "TFLOP/s"},
+            f"{strategy}: MFU": {"value": 100 * per_image * images / peak if peak else None, "unit": "%"},
+            f"{strategy}: precision": {"value": r["precision"], "unit": ""},
+            f"{strategy}: layout": {"value": r["layout"], "unit": ""},
+        })
+    variant = f"{args.config}, batch {args.batch}" + (", channels_last" if args.channels_last else "")
+    write_record(args.json, "train_throughput", variant, args, figures,
+                 "cuda" if args.device.startswith("cuda") else "cpu",
+                 script=__file__, argv=argv)
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -346,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--workdir", default=None, help="keep data and logs here (default: a temp dir, removed)")
     p.add_argument("--verbose", action="store_true", help="print each run's log")
+    p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
+                   "that gets <name>-<machine>.json (benchmarks/report.py)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch = args.batch or (32 if args.config == "sd" else 64)
@@ -393,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {strategy} | {r['global_batch']} | {images:.1f} | {1000 * r['iter_s']:.1f} | "
                   f"{1000 * r['step_s']:.1f} | {fmt(mem, '.2f')} | {per_image / 1e9:.4g} | {achieved / 1e12:.3g} | "
                   f"{mfu} | {r['precision']} | {r['layout']} |")
+        if args.json:
+            write_json(args, argv, rows, peak, per_image, fwd, params)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

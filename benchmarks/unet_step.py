@@ -6,6 +6,7 @@ UNet2DConditionModel at a matched configuration, in one process.
 
 Both models: same channels, blocks per level, attention levels, heads, context width, group norm.
 Parameter counts of both are printed (they must agree within 5%). Needs the `bench` extra (diffusers).
+``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def step_time(model, x, t, ctx, call, device, dtype, steps: int, warmup: int = 3
     return times[len(times) // 2]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--device", default="cpu")
@@ -77,7 +78,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--channels-last", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
+                   "that gets <name>-<machine>.json (benchmarks/report.py)")
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)
@@ -101,6 +104,16 @@ def main() -> None:
     print(f"  params: ours {pa:,}  diffusers {pb:,}  (diff {100 * (pa - pb) / pb:+.2f}%)")
     print(f"  train step: ours {1000 * results['ours']:.1f} ms  diffusers {1000 * results['diffusers']:.1f} ms  "
           f"ratio ours/theirs {results['ours'] / results['diffusers']:.3f}")
+    if args.json:
+        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        figures = {"ours params": {"value": pa, "unit": "params"},
+                   "diffusers params": {"value": pb, "unit": "params"},
+                   "ours step": {"value": 1000 * results["ours"], "unit": "ms"},
+                   "diffusers step": {"value": 1000 * results["diffusers"], "unit": "ms"},
+                   "ours/diffusers": {"value": results["ours"] / results["diffusers"], "unit": "x"}}
+        variant = f"{args.config}, {args.dtype}, batch {args.batch}" + (", channels_last" if args.channels_last else "")
+        write_record(args.json, "unet_step", variant, args, figures, device.type,
+                     script=__file__, argv=argv)
 
 
 if __name__ == "__main__":
