@@ -33,10 +33,18 @@ def _restore(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s training draws: derived from (seed, rank), and never `seed` itself. Reseeding
+    with `seed` would replay the random stream that initialised the weights: the first noise, timesteps and
+    dropout masks would equal the init draws. Measured on the tiny LDM (1200 steps): with that replay, position
+    accuracy fell from 100% to 23.5% (shape and colour unchanged)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), 0x7472_6169]).generate_state(1)[0])
+
+
 class RngStateCallback(L.Callback):
     """Checkpoints hold a list of states, one per rank (gathered when distributed).
 
-    When training starts every rank is reseeded with ``seed + rank``, so that ranks draw different noise,
+    When training starts every rank is reseeded with `training_seed` (seed, rank), so that ranks draw different noise,
     timesteps and dropout masks (one seed on every rank would correlate them), and so that the draws do not
     depend on how much randomness the strategy's setup consumed (DeepSpeed's does): a run gives the same
     result under every strategy. A resume instead restores each rank's own saved state.
@@ -60,7 +68,7 @@ class RngStateCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         states = getattr(self, "_pending", None)
         if states is None:
-            L.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+            L.seed_everything(training_seed(self.seed, trainer.global_rank), workers=True, verbose=False)
             return
         rank = trainer.global_rank
         if len(states) != trainer.world_size:
