@@ -2,19 +2,23 @@
 what the paper says and its figure, measures the same comparison here (prompt alignment judged by the shapes
 oracle, domain FID on the tiny CLIP export's image features, wall time), and says whether we agree.
 
-    python benchmarks/claims.py --ldm runs/tiny-ldm/export --clip runs/tiny-clip/export \
-        --base runs/tiny-imagen-base/export --val data/shapes/val --prompts 200 --out docs/claims.md
+    make train-ldm && make train-imagen && make train-unclip      # the exports (runs/...)
+    python benchmarks/claims.py --prompts 200 --out docs/claims.md  # writes docs/claims.{md,json} + plots
 
-Claims measured here (``--only`` picks some):
+Claims measured here (``--only`` picks some; ``--merge`` keeps the other claims of an earlier ``--out`` page):
 
 - ``ddim_ddpm``: DDIM (η=0) against DDPM-like ancestral sampling (η=1) over 10/25/50/100/1000 steps
   (Song et al. 2021, Table 1).
 - ``cfg``: the classifier-free guidance scale sweep (Ho & Salimans 2022, Fig. 4 / Table 1).
-- ``thresholding``: static against dynamic thresholding at high guidance on the Imagen base (Saharia et al. 2022,
-  Fig. A.9).
+- ``thresholding``: static against dynamic thresholding at high guidance on the Imagen base (Saharia et al. 2022).
+- ``latent_pixel``: the tiny LDM trained for equal wall time on latents and on pixels (Rombach et al. 2022).
+- ``noise_augmentation``: the SR stage trained with and without noise-conditioning augmentation (CDM, Imagen).
+- ``unclip_prior``: one unCLIP decoder given the caption alone, its CLIP text embedding, or the prior's image
+  embedding (Ramesh et al. 2022).
+- ``classifier_vs_cfg``: classifier guidance against classifier-free guidance on the Imagen base.
 
 Every row is measured in this run; nothing is copied from earlier reports. Domain FID is comparable only within
-this table (same CLIP export, same real images): it is not the Inception FID of the papers.
+one claim (same CLIP export, same real images): it is not the Inception FID of the papers.
 """
 
 from __future__ import annotations
@@ -22,147 +26,53 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the claims_* modules beside this script
+
 import torch
+from claims_common import Claim, Context
+from claims_plots import plot_claim
+from claims_sampling import cfg, classifier_vs_cfg, ddim_ddpm, thresholding, unclip_prior
+from claims_training import latent_pixel, noise_augmentation
 
-from t2i.eval.cascade_report import saturation
-from t2i.eval.fid import ClipImageFeatures, feature_stats
-from t2i.eval.ldm_report import generate_for, real_images
-from t2i.eval.shapes import heldout_prompts, score
-from t2i.pipelines.ldm import LatentDiffusionPipeline
-from t2i.pipelines.sampling import SamplerSettings
+from t2i.eval.fid import ClipImageFeatures
+from t2i.eval.shapes import heldout_prompts
 
-
-@dataclass
-class Claim:
-    key: str
-    title: str
-    paper: str  # what the paper claims
-    figure: str  # the paper's figure / table and its numbers
-    columns: list[str]
-    rows: list[list] = field(default_factory=list)
-    verdict: str = ""
+CLAIMS = {"ddim_ddpm": ddim_ddpm, "cfg": cfg, "thresholding": thresholding, "latent_pixel": latent_pixel,
+          "noise_augmentation": noise_augmentation, "unclip_prior": unclip_prior,
+          "classifier_vs_cfg": classifier_vs_cfg}
 
 
-@dataclass
-class Context:
-    prompts: list[str]
-    val: str
-    clip: ClipImageFeatures
-    batch_size: int
-    seed: int
-    real_stats: dict = field(default_factory=dict)  # resolution -> FeatureStats of real validation images
-
-    def fid(self, images: torch.Tensor) -> float:
-        res = images.shape[-1]
-        if res not in self.real_stats:
-            real, _ = real_images(self.val, res, 2000)
-            self.real_stats[res] = feature_stats(self.clip, real, 256)
-        return self.real_stats[res].distance(feature_stats(self.clip, images, 256))
-
-    def measure(self, pipe: LatentDiffusionPipeline, settings: SamplerSettings) -> dict:
-        start = time.time()
-        images = generate_for(pipe, self.prompts, settings, self.batch_size, self.seed)
-        seconds = time.time() - start
-        s = score(images, self.prompts)
-        return {"all": s["all"], "shape": s["shape"], "fid": self.fid(images), "seconds": seconds,
-                "saturation": saturation(images)}
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, no GPU"
 
 
-def ddim_ddpm(ctx: Context, ldm: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(ldm)
-    scale = float(pipe.config["model"]["sampler"]["guidance_scale"])
-    claim = Claim("ddim_ddpm", "DDIM vs DDPM over the number of steps",
-                  "DDIM (η=0) keeps most of its quality with 10-50 steps, while ancestral sampling (η=1, DDPM) "
-                  "degrades quickly as steps are cut; with 1000 steps both are good.",
-                  "Song et al. 2021, Table 1 (CIFAR10 FID, S = 10/20/50/100/1000): η=0 13.36/6.84/4.67/4.16/4.04; "
-                  "η=1 41.07/18.36/8.01/5.78/4.73.",
-                  ["steps", "η", "all-attribute accuracy", "domain FID", "seconds"])
-    results = {}
-    for steps in (10, 25, 50, 100, 1000):
-        for eta in (0.0, 1.0):
-            m = ctx.measure(pipe, SamplerSettings(steps=steps, eta=eta, guidance_scale=scale))
-            results[(steps, eta)] = m
-            claim.rows.append([steps, eta, f"{100 * m['all']:.1f}%", f"{m['fid']:.4f}", f"{m['seconds']:.1f}"])
-    few = all(results[(s, 0.0)]["fid"] <= results[(s, 1.0)]["fid"] for s in (10, 25))
-    drop0 = results[(1000, 0.0)]["all"] - results[(10, 0.0)]["all"]
-    drop1 = results[(1000, 1.0)]["all"] - results[(10, 1.0)]["all"]
-    claim.verdict = (f"{'Agrees' if few and drop0 <= drop1 else 'Does not agree'}: from 1000 to 10 steps accuracy "
-                     f"drops {100 * drop0:.1f} points with η=0 and {100 * drop1:.1f} with η=1; at 10 and 25 steps "
-                     f"η=0's domain FID is {'lower' if few else 'not lower'} than η=1's (guidance scale {scale:g}).")
-    return claim
-
-
-def cfg(ctx: Context, ldm: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(ldm)
-    claim = Claim("cfg", "Classifier-free guidance scale",
-                  "Guidance trades diversity for fidelity: sample quality per image (and text alignment) rises "
-                  "with the guidance scale while FID is best at a small scale and worsens beyond it.",
-                  "Ho & Salimans 2022, Table 1 (ImageNet 64x64): FID best at a small guidance strength w "
-                  "(scale 1 + w), IS rising with w.",
-                  ["guidance scale", "all-attribute accuracy", "shape accuracy", "domain FID", "seconds"])
-    results = {}
-    for scale in (1.0, 1.5, 3.0, 5.0, 8.0):
-        m = ctx.measure(pipe, SamplerSettings(steps=50, eta=0.0, guidance_scale=scale))
-        results[scale] = m
-        claim.rows.append([scale, f"{100 * m['all']:.1f}%", f"{100 * m['shape']:.1f}%", f"{m['fid']:.4f}",
-                           f"{m['seconds']:.1f}"])
-    best_fid = min(results, key=lambda s: results[s]["fid"])
-    best_acc = max(results, key=lambda s: results[s]["all"])
-    agrees = results[best_acc]["all"] > results[1.0]["all"] and best_fid < 8.0 and best_fid <= best_acc
-    claim.verdict = (f"{'Agrees' if agrees else 'Does not agree'}: accuracy is highest at scale {best_acc:g} "
-                     f"({100 * results[best_acc]['all']:.1f}% against {100 * results[1.0]['all']:.1f}% unguided); "
-                     f"domain FID is lowest at scale {best_fid:g} and "
-                     f"{'rises' if results[8.0]['fid'] > results[best_fid]['fid'] else 'does not rise'} by scale 8.")
-    return claim
-
-
-def thresholding(ctx: Context, base: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(base, stage="base")
-    claim = Claim("thresholding", "Static vs dynamic thresholding at high guidance (pixel-space base model)",
-                  "At large guidance weights static thresholding gives over-saturated images; dynamic thresholding "
-                  "(rescaling x̂0 by a high percentile of its absolute values) keeps fidelity and text alignment "
-                  "better.",
-                  "Saharia et al. 2022 (Imagen), Section 2.3 and its FID-CLIP Pareto curves over guidance weights: "
-                  "dynamic better than static, static better than none, at large weights. t2i's percentile: 0.95.",
-                  ["guidance scale", "thresholding", "all-attribute accuracy", "saturated pixels", "domain FID"])
-    results = {}
-    for scale in (1.0, 5.0, 8.0):
-        for mode in ("none", "static", "dynamic"):
-            m = ctx.measure(pipe, SamplerSettings(steps=25, eta=0.0, guidance_scale=scale, thresholding=mode))
-            results[(scale, mode)] = m
-            claim.rows.append([scale, mode, f"{100 * m['all']:.1f}%", f"{100 * m['saturation']:.1f}%",
-                               f"{m['fid']:.4f}"])
-    dyn, sta = results[(8.0, "dynamic")], results[(8.0, "static")]
-    real, _ = real_images(ctx.val, pipe.image_size, 500)
-    real_sat = saturation(real.float() / 127.5 - 1)
-    claim.rows.append(["real images", "", "", f"{100 * real_sat:.1f}%", ""])
-    why = (f" Real shapes images have {100 * real_sat:.1f}% of their pixels at the range edges (pure colours), so "
-           f"dynamic thresholding's rescaling (which assumes natural images rarely saturate) greys them out "
-           f"({100 * dyn['saturation']:.1f}% saturated pixels at guidance 8).") if real_sat > 0.3 else ""
-    claim.verdict = (f"{'Agrees' if dyn['all'] >= sta['all'] else 'Does not agree'}: at guidance 8 dynamic "
-                     f"thresholding scores {100 * dyn['all']:.1f}% against static {100 * sta['all']:.1f}%." + why)
-    return claim
-
-
-CLAIMS = {"ddim_ddpm": ddim_ddpm, "cfg": cfg, "thresholding": thresholding}
-
-
-def markdown(claims: list[Claim], settings: dict) -> str:
+def markdown(claims: list[dict], prompts: int) -> str:
     lines = ["# The papers' claims, measured in miniature", "",
-             ("Written by `benchmarks/claims.py` (every row measured in one run). Shapes dataset, tiny recipe "
-             f"exports; {settings['prompts']} held-out prompts judged by the shapes oracle; domain FID = Fréchet "
-             "distance of the tiny CLIP export's L2-normalised image embeddings against 2,000 real validation "
-             "images (comparable within this page only, not Inception FID). "
-             f"Machine: {settings['machine']}; {settings['date']}; {settings['seconds']:.0f} s in all."), ""]
+             ("Written by `benchmarks/claims.py`: every row below was measured by that script, each claim in one "
+              f"run (its machine, date and wall time under its table). Shapes dataset, the tiny recipes' exports; "
+              f"{prompts} held-out prompts judged by the shapes oracle (`t2i.eval.shapes`); domain FID = Fréchet "
+              "distance of the tiny CLIP export's L2-normalised image embeddings against 2,000 real validation "
+              "images (comparable within one claim only, never with the papers' Inception FIDs: see "
+              "[metrics](metrics.md)). Regenerate with `python benchmarks/claims.py` after the three recipes "
+              "(`make train-ldm train-imagen train-unclip`)."), "",
+             "| claim | verdict |", "|---|---|"]
+    lines += [f"| [{c['title']}](#{c['key']}) | {c['verdict'].split(':', 1)[0]} |" for c in claims]
+    lines.append("")
     for c in claims:
-        lines += [f"## {c.title}", "", f"**Paper:** {c.paper}", "", f"**Paper's figure:** {c.figure}", "",
-                  "| " + " | ".join(c.columns) + " |", "|" + "---|" * len(c.columns)]
-        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in c.rows]
-        lines += ["", f"**Measured:** {c.verdict}", ""]
+        lines += [f'<a id="{c["key"]}"></a>', "", f"## {c['title']}", "", f"**Paper:** {c['paper']}", "",
+                  f"**Paper's figure:** {c['figure']}", "",
+                  "| " + " | ".join(c["columns"]) + " |", "|" + "---|" * len(c["columns"])]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in c["rows"]]
+        lines += ["", f"**Measured:** {c['verdict']}", ""]
+        if c.get("plot"):
+            lines += [f"![{c['title']}]({c['plot']})", ""]
+        lines += [f"*{c.get('machine', '?')}; {c.get('date', '?')}; {c.get('seconds', 0):.0f} s.*", ""]
     return "\n".join(lines)
 
 
@@ -170,32 +80,52 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ldm", default="runs/tiny-ldm/export")
     p.add_argument("--base", default="runs/tiny-imagen-base/export")
+    p.add_argument("--sr", default="runs/tiny-imagen-sr/export")
+    p.add_argument("--classifier", default="runs/tiny-noisy-classifier/export")
+    p.add_argument("--prior", default="runs/tiny-prior/export")
+    p.add_argument("--decoder", default="runs/tiny-decoder/export")
     p.add_argument("--clip", default="runs/tiny-clip/export")
     p.add_argument("--val", default="data/shapes/val")
+    p.add_argument("--train", default="data/shapes/train", help="training shards of the claims that train")
+    p.add_argument("--work", default="runs/claims", help="run folders of the claims that train")
+    p.add_argument("--minutes", type=float, default=5.0, help="latent_pixel: training wall time of each model")
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", choices=sorted(CLAIMS), default=None)
+    p.add_argument("--merge", action="store_true", help="keep the claims of an existing --out JSON not run now")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default="docs/claims.md")
     args = p.parse_args(argv)
-    start = time.time()
-    torch.manual_seed(args.seed)
-    ctx = Context(heldout_prompts(args.prompts), args.val, ClipImageFeatures(args.clip), args.batch_size, args.seed)
-    claims = []
-    for key in args.only or list(CLAIMS):
-        t = time.time()
-        claims.append(CLAIMS[key](ctx, ldm=args.ldm, base=args.base))
-        print(f"[claims] {key}: {time.time() - t:.0f} s — {claims[-1].verdict}", flush=True)
-    settings = {"prompts": args.prompts, "machine": f"{platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available()
-                else torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                "seconds": time.time() - start}
     out = Path(args.out)
+    record_path = out.with_suffix(".json")
+    kept = {}
+    if args.merge and record_path.exists():
+        old = json.loads(record_path.read_text(encoding="utf-8"))
+        if old.get("prompts") != args.prompts:
+            raise SystemExit(f"--merge: {record_path} was measured on {old.get('prompts')} prompts, not "
+                             f"{args.prompts}")
+        kept = {c["key"]: c for c in old["claims"]}
+    torch.manual_seed(args.seed)
+    ctx = Context(heldout_prompts(args.prompts), args.val, args.train, ClipImageFeatures(args.clip),
+                  args.batch_size, args.seed, args.work)
+    paths = {"ldm": args.ldm, "base": args.base, "sr": args.sr, "classifier": args.classifier,
+             "prior": args.prior, "decoder": args.decoder}
+    for key in args.only or list(CLAIMS):
+        start = time.time()
+        claim: Claim = CLAIMS[key](ctx, work=args.work, minutes=args.minutes, **paths)
+        claim.seconds = time.time() - start
+        record = {**claim.__dict__, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        if not args.no_plots:
+            record["plot"] = plot_claim(claim, out.parent / "images" / f"claims_{key}.png", out.parent)
+        kept[key] = record
+        print(f"[claims] {key}: {claim.seconds:.0f} s — {claim.verdict}", flush=True)
+    claims = [kept[k] for k in CLAIMS if k in kept]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(claims, settings) + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "claims": [c.__dict__ for c in claims]},
-                                                   indent=1, default=str) + "\n", encoding="utf-8")
-    print(f"[claims] wrote {out}")
+    out.write_text(markdown(claims, args.prompts) + "\n", encoding="utf-8")
+    record_path.write_text(json.dumps({"prompts": args.prompts, "claims": claims}, indent=1, default=str) + "\n",
+                           encoding="utf-8")
+    print(f"[claims] wrote {out} and {record_path}")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def clip_shards(small_shapes, tiny_clip_export, tmp_path_factory):
+    """The small shapes set with clip_img.npy / clip_txt.npy written by data_prep/embed_clip.py."""
+    out = tmp_path_factory.mktemp("clip_shards")
+    embed = load_data_prep("embed_clip")
+    for split in ("train", "val"):
+        embed.main(["--clip", str(tiny_clip_export), "--shards", str(small_shapes / split), "--out",
+                    str(out / split), "--batch", "64", "--device", "cpu"])
+    return out

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from t2i.data.manifest import ShardInfo, write_manifest
+from t2i.exports import read_export as _read_export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,3 +223,38 @@ def recipe_strategy_overrides(strategy: str, monkeypatch) -> list[str]:
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return list(ZERO3_CPU_OVERRIDES)
+
+
+# ---- the tiny unCLIP stages (prior, decoder, upsampler) on CLIP-embedded small shapes shards ----
+def clip_dims(clip) -> tuple[int, int]:
+    export = _read_export(clip)
+    return int(export.metrics["embed_dim"]), int(export.config["model"]["clip_config"]["text_cfg"]["width"])
+
+
+def _common(run_dir, shards, clip, *extra):
+    return [f"run_dir={run_dir}", f"data.train_manifest={shards}/train", f"data.val_manifest={shards}/val",
+            "data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
+            f"model.text_encoder.export_dir={clip}", "trainer.limit_val_batches=2", *extra]
+
+
+def prior_overrides(run_dir, shards, clip, *extra):
+    embed, width = clip_dims(clip)
+    return ["experiment=tiny/prior", *_common(run_dir, shards, clip), f"model.denoiser.embed_dim={embed}",
+            f"model.denoiser.text_width={width}", "model.denoiser.width=32", "model.denoiser.layers=1",
+            "model.denoiser.heads=2", "model.sampler.steps=3", "model.val_sample_batches=1", *extra]
+
+
+def decoder_overrides(run_dir, shards, clip, *extra):
+    embed, width = clip_dims(clip)
+    return ["experiment=tiny/decoder", *_common(run_dir, shards, clip), f"model.denoiser.embed_dim={embed}",
+            f"model.denoiser.text_width={width}", "model.denoiser.unet.model_channels=16",
+            "model.denoiser.unet.num_head_channels=8", "model.denoiser.unet.num_groups=4",
+            "model.denoiser.unet.context_dim=16", "model.sampler.steps=3", *extra]
+
+
+def upsampler_overrides(run_dir, shapes, *extra):
+    return ["experiment=tiny/upsampler", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
+            "model.denoiser.unet.model_channels=8", "model.denoiser.unet.num_head_channels=8",
+            "model.denoiser.unet.num_groups=4", "model.sampler.steps=3", *extra]

@@ -94,3 +94,19 @@ def test_real_size_experiments_require_the_users_shards(experiment):
     """A forgotten data.train_manifest is an error, never a silent run on the built-in shapes data."""
     cfg = compose_config([f"experiment={experiment}"])
     assert OmegaConf.is_missing(cfg.data, "train_manifest"), cfg.data.train_manifest
+
+
+def test_tiny_cpu_runs_use_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """trainer=cpu picks its precision for the machine: bf16 autocast on a CPU without native bf16 (AVX2 only) ran
+    a tiny VAE step ~50x slower than fp32, so there it must be 32-true."""
+    import torch
+
+    from t2i.cli import config as config_module
+
+    for native, want in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert config_module.cpu_precision() == want
+        assert config_module.compose_config(["experiment=tiny/vae"]).trainer.precision == want
+    # GPU and real-size configs keep bf16 whatever the CPU
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert config_module.compose_config(["experiment=ldm/ldm"]).trainer.precision == "bf16-mixed"

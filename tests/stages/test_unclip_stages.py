@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe, recipe_strategy_overrides
+from t2i_testing import (
+    TOY_STAGE_OVERRIDES,
+    clip_dims,
+    decoder_overrides,
+    load_toy_recipe,
+    prior_overrides,
+    recipe_strategy_overrides,
+    upsampler_overrides,
+)
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
@@ -15,51 +23,6 @@ from t2i.conditioning.lowres import downsample
 from t2i.exports import ExportError, read_export
 from t2i.pipelines.unclip import UnclipPipeline
 from t2i.pipelines.unclip_stages import DecoderPipeline, PriorPipeline, UpsamplerPipeline, clip_text_condition
-
-
-@pytest.fixture(scope="module")
-def clip_shards(small_shapes, tiny_clip_export, tmp_path_factory):
-    """The small shapes set with clip_img.npy / clip_txt.npy written by data_prep/embed_clip.py."""
-    out = tmp_path_factory.mktemp("clip_shards")
-    embed = load_data_prep("embed_clip")
-    for split in ("train", "val"):
-        embed.main(["--clip", str(tiny_clip_export), "--shards", str(small_shapes / split), "--out",
-                    str(out / split), "--batch", "64", "--device", "cpu"])
-    return out
-
-
-def _clip_dims(clip) -> tuple[int, int]:
-    export = read_export(clip)
-    return int(export.metrics["embed_dim"]), int(export.config["model"]["clip_config"]["text_cfg"]["width"])
-
-
-def _common(run_dir, shards, clip, *extra):
-    return [f"run_dir={run_dir}", f"data.train_manifest={shards}/train", f"data.val_manifest={shards}/val",
-            "data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
-            f"model.text_encoder.export_dir={clip}", "trainer.limit_val_batches=2", *extra]
-
-
-def prior_overrides(run_dir, shards, clip, *extra):
-    embed, width = _clip_dims(clip)
-    return ["experiment=tiny/prior", *_common(run_dir, shards, clip), f"model.denoiser.embed_dim={embed}",
-            f"model.denoiser.text_width={width}", "model.denoiser.width=32", "model.denoiser.layers=1",
-            "model.denoiser.heads=2", "model.sampler.steps=3", "model.val_sample_batches=1", *extra]
-
-
-def decoder_overrides(run_dir, shards, clip, *extra):
-    embed, width = _clip_dims(clip)
-    return ["experiment=tiny/decoder", *_common(run_dir, shards, clip), f"model.denoiser.embed_dim={embed}",
-            f"model.denoiser.text_width={width}", "model.denoiser.unet.model_channels=16",
-            "model.denoiser.unet.num_head_channels=8", "model.denoiser.unet.num_groups=4",
-            "model.denoiser.unet.context_dim=16", "model.sampler.steps=3", *extra]
-
-
-def upsampler_overrides(run_dir, shapes, *extra):
-    return ["experiment=tiny/upsampler", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
-            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
-            "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
-            "model.denoiser.unet.model_channels=8", "model.denoiser.unet.num_head_channels=8",
-            "model.denoiser.unet.num_groups=4", "model.sampler.steps=3", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +87,24 @@ def test_decoder_export_and_pipeline(unclip_exports):
     torch.testing.assert_close(cond.context[:, 0], null.expand(2, -1))
 
 
+def test_decoder_from_the_caption_alone_uses_the_learned_null_embedding(unclip_exports):
+    """Ramesh et al. 2022 Fig. 9's first row: the caption with the null image embedding the decoder was trained with
+    when the embedding was dropped; the caption's tokens are kept."""
+    pipe = DecoderPipeline.from_export(unclip_exports["decoder"])
+    prompts = ["a small red circle in the top on a black background", "a large blue square in the left on a gray background"]
+    cond = pipe.condition(None, prompts)
+    dropout = pipe.net["cond_dropout"]
+    embeds = F.normalize(torch.randn(2, pipe.net["denoiser"].embed_dim), dim=-1)
+    with_embedding = pipe.condition(embeds, prompts)
+    torch.testing.assert_close(cond.vector, dropout.null_like(with_embedding).vector)
+    assert not torch.equal(cond.vector, with_embedding.vector)
+    torch.testing.assert_close(cond.context, with_embedding.context)  # the text is not dropped
+    images = pipe(None, prompts, seed=0)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+    with pytest.raises(ValueError, match="needs the prompts"):
+        pipe(None, None)
+
+
 def test_upsampler_degrades_low_res_in_training_only(small_shapes, tmp_path):
     cfg = compose_config(upsampler_overrides(tmp_path / "u", small_shapes, "model.degradation.blur_prob=1.0",
                                              "model.degradation.noise_prob=1.0"))
@@ -159,7 +140,7 @@ def test_chain_refuses_a_mismatched_upsampler(unclip_exports, small_shapes, tmp_
 
 def test_decoder_refuses_embeddings_of_another_width(clip_shards, tiny_clip_export, tmp_path):
     from hydra.errors import InstantiationException
-    embed, _ = _clip_dims(tiny_clip_export)
+    embed, _ = clip_dims(tiny_clip_export)
     with pytest.raises((ValueError, InstantiationException), match="incompatible input.*embed_dim"):
         train(compose_config(decoder_overrides(tmp_path / "d", clip_shards, tiny_clip_export,
                                                "trainer.fast_dev_run=true", f"model.denoiser.embed_dim={embed + 1}")))

@@ -115,9 +115,19 @@ class DecoderPipeline(_StagePipeline):
         return cls(net, ac, prediction, text_encoder, int(export.config["model"]["image_size"]),
                    export.config).to(device)
 
-    def condition(self, image_embeds: torch.Tensor, prompts: list[str] | None) -> Cond:
+    def condition(self, image_embeds: torch.Tensor | None, prompts: list[str] | None) -> Cond:
         """Cond(text tokens, mask, vector=image embedding); prompts=None (image variations) gives the
-        learned null text for every sample."""
+        learned null text for every sample; image_embeds=None (caption only, Ramesh et al. 2022 Fig. 9's first
+        row) gives the learned null image embedding the decoder was trained with when the embedding was dropped."""
+        if image_embeds is None:
+            if not prompts:
+                raise ValueError("caption-only decoding (image_embeds=None) needs the prompts")
+            if "vector" not in self.net["cond_dropout"].p:
+                raise ValueError("this decoder never dropped its image embedding in training, so it has no null "
+                                 "embedding to decode from the caption alone")
+            placeholder = torch.zeros(len(prompts), self.net["denoiser"].embed_dim, device=self.device)
+            cond = self.condition(placeholder, prompts)
+            return cond.replace(vector=self.net["cond_dropout"].null_like(cond).vector)
         vector = image_embeds.float().to(self.device)
         if self.text_encoder is None or not self.net["denoiser"].text_width:
             return Cond(vector=vector)
@@ -128,17 +138,17 @@ class DecoderPipeline(_StagePipeline):
         return cond
 
     @torch.no_grad()
-    def __call__(self, image_embeds: torch.Tensor, prompts: list[str] | None = None,
+    def __call__(self, image_embeds: torch.Tensor | None, prompts: list[str] | None = None,
                  settings: SamplerSettings | None = None, seed: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, image_size, image_size)."""
+        """Images in [-1, 1], (B, 3, image_size, image_size); ``image_embeds=None``: from the captions alone."""
         settings = settings or SamplerSettings()
-        if prompts is not None and len(prompts) != len(image_embeds):
+        if prompts is not None and image_embeds is not None and len(prompts) != len(image_embeds):
             raise ValueError(f"{len(prompts)} prompts for {len(image_embeds)} image embeddings")
         cond = self.condition(image_embeds, prompts)
         uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
         gen = generator or torch.Generator().manual_seed(seed)
-        shape = (len(image_embeds), self.net["denoiser"].in_channels, self.image_size, self.image_size)
+        shape = (cond.batch_size, self.net["denoiser"].in_channels, self.image_size, self.image_size)
         return sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, shape, cond, uncond, settings,
                       generator=gen).clamp(-1, 1)
 

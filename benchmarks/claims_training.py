@@ -1,0 +1,179 @@
+"""The claims whose comparison needs models trained inside the claims run (see benchmarks/claims.py):
+
+- ``latent_pixel``: the tiny LDM's UNet trained for the same wall time on the VAE's latents and on pixels
+  (Rombach et al. 2022's efficiency claim);
+- ``noise_augmentation``: the tiny Imagen SR stage trained again with noise-conditioning augmentation off, at
+  the recipe's settings otherwise, against the recipe's SR stage (Ho et al. 2022, CDM; Saharia et al. 2022).
+
+Each training runs in this process through ``t2i.cli.train`` with the recipe export's own config (data, parents,
+model), changed only where the claim says; the runs go under ``--work`` (default ``runs/claims``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from claims_common import Claim
+from omegaconf import OmegaConf
+
+from t2i.cli.train import train
+from t2i.conditioning.lowres import downsample
+from t2i.eval.ldm_report import real_images
+from t2i.eval.shapes import score
+from t2i.pipelines.cascade import CascadePipeline
+from t2i.pipelines.ldm import LatentDiffusionPipeline
+
+
+def export_config(export: str | Path) -> dict:
+    """The full resolved training config an export was written with."""
+    return yaml.safe_load((Path(export) / "config.yaml").read_text(encoding="utf-8"))
+
+
+def _rebased(node, old: str, new: str):
+    """Every string under ``node`` with the old run folder in it points into the new one instead (run_dir,
+    export_dir, the checkpoint callbacks' paths)."""
+    if isinstance(node, dict):
+        return {k: _rebased(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebased(v, old, new) for v in node]
+    return node.replace(old, new) if isinstance(node, str) else node
+
+
+def retrain_config(export: str | Path, run_dir: str | Path, **changes) -> dict:
+    """The export's own training config, moved to ``run_dir``, quiet (no sample grids, no validation, CSV logs)
+    and with ``changes`` applied (dotted keys, e.g. ``{"model.latents_from": "pixels"}``)."""
+    cfg = _rebased(export_config(export), str(export_config(export)["run_dir"]), str(run_dir))
+    quiet = {"model.sample_prompts": [], "model.sample_every_n_steps": 10**9, "final_validation": False,
+             "trainer.limit_val_batches": 0, "trainer.enable_progress_bar": False, "ckpt_path": None,
+             "logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(run_dir),
+                                "name": "csv"}}}
+    for key, value in {**quiet, **changes}.items():
+        parts = key.split(".")
+        node = cfg
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def train_run(cfg: dict) -> dict:
+    """Train one stage from a full config; its export, wall seconds (fit + export) and optimizer steps."""
+    start = time.time()
+    result = train(OmegaConf.create(cfg))
+    seconds = time.time() - start
+    return {"export": result.export_dir, "seconds": seconds, "steps": last_step(result.last_checkpoint)}
+
+
+def last_step(checkpoint: Path) -> int:
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.float() - b.float()) / 2).pow(2).mean().clamp_min(1e-12)
+    return float(10 * torch.log10(1 / mse))
+
+
+def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
+    """The recipe's LDM config trained from scratch twice for ``minutes`` of wall time each: on its precomputed
+    VAE latents, and on pixels at the same resolution with the same UNet (3 channels in and out)."""
+    cfg = export_config(ldm)
+    model = cfg["model"]
+    if model.get("latents_from") not in ("batch", "image"):
+        raise ValueError(f"latent_pixel needs a latent diffusion export, {ldm} is latents_from="
+                         f"{model.get('latents_from')!r}")
+    res = int(model["image_size"])
+    hours, rest = divmod(round(60 * minutes), 3600)
+    budget = {"trainer.max_steps": -1, "trainer.max_time": f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"}
+    pixel = {"model.latents_from": "pixels", "model.first_stage_export": None, "model.denoiser.in_channels": 3,
+             "model.denoiser.out_channels": 3, "parents": {}}
+    if model["latents_from"] == "batch":  # precomputed latents: the pixel model reads the images they came from
+        pixel.update({"data.train_manifest": ctx.train, "data.val_manifest": ctx.val, "data.resolution": res,
+                      "data.array_fields": []})
+    runs = {"latent": retrain_config(ldm, f"{work}/latent", **budget),
+            "pixel": retrain_config(ldm, f"{work}/pixel", **budget, **pixel)}
+    claim = Claim("latent_pixel", f"Latent vs pixel diffusion at equal training wall time ({res}px)",
+                  "Diffusion in a perceptually equivalent latent space of a pretrained autoencoder cuts training and "
+                  "sampling cost by a large factor: at equal compute, LDMs with downsampling factors 4-16 reach far "
+                  "better sample quality than pixel-based diffusion (LDM-1).",
+                  "Rombach et al. 2022, Section 4.1 and Fig. 6: class-conditional ImageNet, FID after equal training "
+                  "steps; LDM-1 (pixels) far behind LDM-4 to LDM-16 throughout training; Fig. 7: LDM-4/8 also reach "
+                  "better FID at higher sampling throughput.",
+                  ["space", "input", "steps in the budget", "s/step", "all-attribute accuracy", "shape accuracy",
+                   "domain FID", f"sampling s ({len(ctx.prompts)} prompts)"])
+    results = {}
+    for name, run_cfg in runs.items():
+        trained = train_run(run_cfg)
+        pipe = LatentDiffusionPipeline.from_export(trained["export"])
+        m = ctx.measure(pipe, ctx.settings_of(pipe))
+        results[name] = {**m, **trained}
+        shape = (f"{pipe.first_stage.latent_channels}x{res // pipe.first_stage.downsample_factor}²"
+                 if pipe.first_stage is not None else f"3x{res}²")
+        claim.rows.append([name, shape, trained["steps"], f"{trained['seconds'] / max(trained['steps'], 1):.2f}",
+                           f"{100 * m['all']:.1f}%", f"{100 * m['shape']:.1f}%", f"{m['fid']:.4f}",
+                           f"{m['seconds']:.1f}"])
+    lat, pix = results["latent"], results["pixel"]
+    ratio = (pix["seconds"] / max(pix["steps"], 1)) / (lat["seconds"] / max(lat["steps"], 1))
+    agrees = lat["all"] > pix["all"] and lat["fid"] < pix["fid"]
+    claim.verdict = (f"{'Agrees' if agrees else 'Does not agree'}: in {minutes:g} minutes each, a pixel step cost "
+                     f"{ratio:.1f}x a latent step ({pix['steps']} against {lat['steps']} steps); the latent model "
+                     f"reached {100 * lat['all']:.1f}% all-attribute accuracy against {100 * pix['all']:.1f}% and "
+                     f"domain FID {lat['fid']:.3f} against {pix['fid']:.3f}. Not counted: the VAE's own training"
+                     f"{' and the one-off latent encoding' if model['latents_from'] == 'batch' else ''} (the "
+                     f"recipe's earlier steps), shared by every LDM trained on them.")
+    claim.data = {k: {kk: vv for kk, vv in v.items() if kk != "export"} for k, v in results.items()}
+    return claim
+
+
+def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
+    """The recipe's SR stage against the same config trained with noise-conditioning augmentation off, each on
+    the base model's 16px outputs and on real downsampled validation images."""
+    cfg = export_config(sr)
+    trained = train_run(retrain_config(sr, f"{work}/sr_no_augmentation", **{
+        "model.degradation.noise_prob": 0.0, "model.degradation.sample_noise_level": 0.0}))
+    claim = Claim("noise_augmentation", "Noise-conditioning augmentation for the super-resolution stage",
+                  "Conditioning augmentation (noising the low-resolution input in training, with the level given "
+                  "to the network) makes the SR stage robust to the artefacts of the model below it: without it, "
+                  "a cascade's sample quality drops, with it the cascade's FID improves markedly.",
+                  "Ho et al. 2022 (Cascaded Diffusion Models), Section 4 ablations: Gaussian conditioning "
+                  "augmentation is the most important ingredient for the 64→256 stage's FID; Saharia et al. 2022 "
+                  "(Imagen), Section 2.5: used in all SR models, sampled at a fixed level (Imagen used ~0.2).",
+                  ["SR stage (trained)", "sampling level", "cascade all-attribute accuracy",
+                   "cascade domain FID (64px)", "PSNR to the 16px input", "real low-res: accuracy",
+                   "real low-res: PSNR to original"])
+    real, captions = real_images(ctx.val, 64, 200)
+    real = real.float() / 127.5 - 1
+    results, levels = {}, {}
+    small = None
+    for name, export in (("augmentation on (recipe)", sr), ("augmentation off", trained["export"])):
+        pipe = CascadePipeline.from_exports(base, [export])
+        up = pipe.upsamplers[0]
+        if small is None:  # the same base samples feed both SR stages
+            small = torch.cat([pipe.base(ctx.prompts[i: i + ctx.batch_size], pipe.settings.base, seed=ctx.seed + i)
+                               for i in range(0, len(ctx.prompts), ctx.batch_size)])
+        real_low = downsample(real, up.low_res)
+        trained_level = levels[name] = float(up.net["degradation"].sample_noise_level)
+        for level in sorted({0.0, trained_level}):
+            def run(low, texts, up=up, settings=pipe.settings.sr[0], level=level):
+                return torch.cat([up(low[i: i + ctx.batch_size], settings, seed=ctx.seed + i,
+                                     prompts=texts[i: i + ctx.batch_size] if up.takes_text else None,
+                                     noise_level=level) for i in range(0, len(low), ctx.batch_size)])
+            gen, on_real = run(small, ctx.prompts), run(real_low, captions)
+            s, r = score(gen, ctx.prompts), score(on_real, captions)
+            row = {"all": s["all"], "fid": ctx.fid(gen), "psnr_input": _psnr(downsample(gen, up.low_res), small),
+                   "real_all": r["all"], "real_psnr": _psnr(on_real, real)}
+            results[(name, level)] = row
+            claim.rows.append([name, f"{level:g}", f"{100 * row['all']:.1f}%", f"{row['fid']:.4f}",
+                               f"{row['psnr_input']:.1f} dB", f"{100 * row['real_all']:.1f}%",
+                               f"{row['real_psnr']:.1f} dB"])
+    on_level = levels["augmentation on (recipe)"]
+    on, off = results[("augmentation on (recipe)", on_level)], results[("augmentation off", 0.0)]
+    agrees = on["fid"] < off["fid"] and on["all"] >= off["all"]
+    claim.verdict = (f"{'Agrees' if agrees else 'Does not agree'}: on the base model's samples the cascade with "
+                     f"the augmented SR stage (sampled at its level {on_level:g}) scores {100 * on['all']:.1f}% (domain FID {on['fid']:.3f}) against "
+                     f"{100 * off['all']:.1f}% ({off['fid']:.3f}) without augmentation; both trained "
+                     f"{cfg['trainer']['max_steps']} steps (the unaugmented one in {trained['seconds']:.0f} s here).")
+    claim.data = {f"{n} @ {lv:g}": v for (n, lv), v in results.items()}
+    return claim
