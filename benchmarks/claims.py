@@ -92,14 +92,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cuda: sample and train the training claims on one GPU")
     p.add_argument("--only", nargs="*", choices=sorted(CLAIMS), default=None)
     p.add_argument("--merge", action="store_true", help="keep the claims of an existing --out JSON not run now")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots and the page from the --out JSON "
+                   "(e.g. after a GPU run on a machine without matplotlib)")
     p.add_argument("--out", default="docs/claims.md")
     args = p.parse_args(argv)
     out = Path(args.out)
     record_path = out.with_suffix(".json")
     kept = {}
+    if args.replot:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        fields = set(Claim.__dataclass_fields__)
+        for c in record["claims"]:
+            c["plot"] = plot_claim(Claim(**{k: v for k, v in c.items() if k in fields}),
+                                   out.parent / "images" / f"claims_{c['key']}.png", out.parent)
+        out.write_text(markdown(record["claims"], record["prompts"]) + "\n", encoding="utf-8")
+        record_path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"[claims] redrew {len(record['claims'])} plots and {out}")
+        return
     if args.merge and record_path.exists():
         old = json.loads(record_path.read_text(encoding="utf-8"))
         if old.get("prompts") != args.prompts:
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         kept = {c["key"]: c for c in old["claims"]}
     torch.manual_seed(args.seed)
     ctx = Context(heldout_prompts(args.prompts), args.val, args.train, ClipImageFeatures(args.clip),
-                  args.batch_size, args.seed, args.work)
+                  args.batch_size, args.seed, args.work, args.device)
     paths = {"ldm": args.ldm, "base": args.base, "sr": args.sr, "classifier": args.classifier,
              "prior": args.prior, "decoder": args.decoder}
     for key in args.only or list(CLAIMS):

@@ -37,6 +37,7 @@ class Context:
     batch_size: int
     seed: int
     work: str = "runs/claims"  # where claims that train write their runs
+    device: str = "cpu"  # where the pipelines sample (and the claims that train, train); judged on the CPU
     real_stats: dict = field(default_factory=dict)  # resolution -> FeatureStats of real validation images
 
     def fid(self, images: torch.Tensor) -> float:
@@ -53,6 +54,7 @@ class Context:
         return SamplerSettings(steps=steps, eta=0.0, guidance_scale=scale)
 
     def judge(self, images: torch.Tensor, seconds: float) -> dict:
+        images = images.float().cpu()
         verdicts = judge_all(images)
         specs = [parse_caption(p) for p in self.prompts]
         s = compare(verdicts, specs)
@@ -64,4 +66,6 @@ class Context:
     def measure(self, pipe, settings: SamplerSettings) -> dict:
         start = time.time()
         images = generate_for(pipe, self.prompts, settings, self.batch_size, self.seed)
+        if images.is_cuda:
+            torch.cuda.synchronize()
         return self.judge(images, time.time() - start)

@@ -25,7 +25,7 @@ def _key(*parts) -> str:
 
 
 def ddim_ddpm(ctx: Context, ldm: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(ldm)
+    pipe = LatentDiffusionPipeline.from_export(ldm, device=ctx.device)
     scale = ctx.settings_of(pipe).guidance_scale
     claim = Claim("ddim_ddpm", "DDIM vs DDPM over the number of steps",
                   "DDIM (η=0) keeps most of its quality with 10-50 steps, while ancestral sampling (η=1, DDPM) "
@@ -50,7 +50,7 @@ def ddim_ddpm(ctx: Context, ldm: str, **_) -> Claim:
 
 
 def cfg(ctx: Context, ldm: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(ldm)
+    pipe = LatentDiffusionPipeline.from_export(ldm, device=ctx.device)
     claim = Claim("cfg", "Classifier-free guidance scale",
                   "Guidance trades diversity for fidelity: sample quality per image (and text alignment) rises "
                   "with the guidance scale while FID is best at a small scale and worsens beyond it.",
@@ -75,7 +75,7 @@ def cfg(ctx: Context, ldm: str, **_) -> Claim:
 
 
 def thresholding(ctx: Context, base: str, **_) -> Claim:
-    pipe = LatentDiffusionPipeline.from_export(base, stage="base")
+    pipe = LatentDiffusionPipeline.from_export(base, stage="base", device=ctx.device)
     claim = Claim("thresholding", "Static vs dynamic thresholding at high guidance (pixel-space base model)",
                   "At large guidance weights static thresholding gives over-saturated images; dynamic thresholding "
                   "(rescaling x̂0 by a high percentile of its absolute values) keeps fidelity and text alignment "
@@ -106,10 +106,10 @@ def thresholding(ctx: Context, base: str, **_) -> Claim:
 def classifier_vs_cfg(ctx: Context, base: str, classifier: str, **_) -> Claim:
     """The Imagen base's unconditional model guided by the noisy-image classifier (shape and colour heads), against
     the same base under classifier-free guidance, at the base's sampler settings otherwise."""
-    pipe = LatentDiffusionPipeline.from_export(base, stage="base")
+    pipe = LatentDiffusionPipeline.from_export(base, stage="base", device=ctx.device)
     settings = pipe.config["model"]["sampler"]
     steps, mode = int(settings.get("steps", 25)), settings.get("thresholding", "none")
-    guided = ClassifierGuidedPipeline.from_exports(pipe, classifier)
+    guided = ClassifierGuidedPipeline.from_exports(pipe, classifier, device=ctx.device)
     claim = Claim("classifier_vs_cfg", "Classifier guidance vs classifier-free guidance",
                   "Classifier guidance (the gradient of a classifier trained on noisy images, added to an "
                   "unconditional model's score) trades diversity for fidelity; classifier-free guidance reaches the "
@@ -126,7 +126,7 @@ def classifier_vs_cfg(ctx: Context, base: str, classifier: str, **_) -> Claim:
         images = torch.cat([guided(ctx.prompts[i: i + ctx.batch_size], scale=scale,
                                    settings=SamplerSettings(steps=steps, eta=0.0, guidance_scale=1.0,
                                                             thresholding=mode), seed=ctx.seed + i)
-                            for i in range(0, len(ctx.prompts), ctx.batch_size)])
+                            for i in range(0, len(ctx.prompts), ctx.batch_size)]).cpu()
         results[("classifier", scale)] = ctx.judge(images, time.time() - start)
     for scale in (1.0, 3.0, 5.0):
         results[("classifier-free", scale)] = ctx.measure(
@@ -153,7 +153,7 @@ def unclip_prior(ctx: Context, prior: str, decoder: str, **_) -> Claim:
     """One decoder, four conditioning signals (Ramesh et al. 2022, Fig. 9): the caption alone (learned null image
     embedding), the caption with its CLIP text embedding in place of the image embedding, the caption with the
     prior's image embedding, and the true image embedding of the prompt's own rendering (an upper bound)."""
-    pipe = UnclipPipeline.from_exports(prior, decoder)
+    pipe = UnclipPipeline.from_exports(prior, decoder, device=ctx.device)
     st = pipe.settings
     claim = Claim("unclip_prior", "unCLIP: the prior against conditioning the decoder on the text directly",
                   "A prior that maps the caption to a CLIP image embedding is worth its cost: the same decoder "
@@ -166,7 +166,7 @@ def unclip_prior(ctx: Context, prior: str, decoder: str, **_) -> Claim:
                   ["decoder conditioning", "all-attribute accuracy", "shape accuracy", "domain FID",
                    "seconds (prior included)"])
     rendered = torch.stack([torch.from_numpy(render(parse_caption(p))) for p in ctx.prompts])
-    true = pipe.embed_images(rendered.permute(0, 3, 1, 2).float() / 127.5 - 1)
+    true = pipe.embed_images(rendered.permute(0, 3, 1, 2).float() / 127.5 - 1).cpu()
 
     def decode(embeds_for) -> dict:
         start = time.time()

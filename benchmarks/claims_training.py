@@ -59,6 +59,12 @@ def retrain_config(export: str | Path, run_dir: str | Path, **changes) -> dict:
     return cfg
 
 
+def on_device(device: str) -> dict:
+    """Trainer settings for ``device``: the export's own (CPU) ones, or one GPU in bf16."""
+    return {} if str(device) == "cpu" else {"trainer.accelerator": "gpu", "trainer.devices": 1,
+                                            "trainer.precision": "bf16-mixed"}
+
+
 def train_run(cfg: dict) -> dict:
     """Train one stage from a full config; its export, wall seconds (fit + export) and optimizer steps."""
     start = time.time()
@@ -92,8 +98,9 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
     if model["latents_from"] == "batch":  # precomputed latents: the pixel model reads the images they came from
         pixel.update({"data.train_manifest": ctx.train, "data.val_manifest": ctx.val, "data.resolution": res,
                       "data.array_fields": []})
-    runs = {"latent": retrain_config(ldm, f"{work}/latent", **budget),
-            "pixel": retrain_config(ldm, f"{work}/pixel", **budget, **pixel)}
+    device = on_device(ctx.device)
+    runs = {"latent": retrain_config(ldm, f"{work}/latent", **budget, **device),
+            "pixel": retrain_config(ldm, f"{work}/pixel", **budget, **pixel, **device)}
     claim = Claim("latent_pixel", f"Latent vs pixel diffusion at equal training wall time ({res}px)",
                   "Diffusion in a perceptually equivalent latent space of a pretrained autoencoder cuts training and "
                   "sampling cost by a large factor: at equal compute, LDMs with downsampling factors 4-16 reach far "
@@ -106,7 +113,7 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
     results = {}
     for name, run_cfg in runs.items():
         trained = train_run(run_cfg)
-        pipe = LatentDiffusionPipeline.from_export(trained["export"])
+        pipe = LatentDiffusionPipeline.from_export(trained["export"], device=ctx.device)
         m = ctx.measure(pipe, ctx.settings_of(pipe))
         results[name] = {**m, **trained}
         shape = (f"{pipe.first_stage.latent_channels}x{res // pipe.first_stage.downsample_factor}²"
@@ -132,7 +139,7 @@ def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
     the base model's 16px outputs and on real downsampled validation images."""
     cfg = export_config(sr)
     trained = train_run(retrain_config(sr, f"{work}/sr_no_augmentation", **{
-        "model.degradation.noise_prob": 0.0, "model.degradation.sample_noise_level": 0.0}))
+        "model.degradation.noise_prob": 0.0, "model.degradation.sample_noise_level": 0.0, **on_device(ctx.device)}))
     claim = Claim("noise_augmentation", "Noise-conditioning augmentation for the super-resolution stage",
                   "Conditioning augmentation (noising the low-resolution input in training, with the level given "
                   "to the network) makes the SR stage robust to the artefacts of the model below it: without it, "
@@ -148,18 +155,18 @@ def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
     results, levels = {}, {}
     small = None
     for name, export in (("augmentation on (recipe)", sr), ("augmentation off", trained["export"])):
-        pipe = CascadePipeline.from_exports(base, [export])
+        pipe = CascadePipeline.from_exports(base, [export], device=ctx.device)
         up = pipe.upsamplers[0]
         if small is None:  # the same base samples feed both SR stages
             small = torch.cat([pipe.base(ctx.prompts[i: i + ctx.batch_size], pipe.settings.base, seed=ctx.seed + i)
-                               for i in range(0, len(ctx.prompts), ctx.batch_size)])
+                               for i in range(0, len(ctx.prompts), ctx.batch_size)]).cpu()
         real_low = downsample(real, up.low_res)
         trained_level = levels[name] = float(up.net["degradation"].sample_noise_level)
         for level in sorted({0.0, trained_level}):
             def run(low, texts, up=up, settings=pipe.settings.sr[0], level=level):
-                return torch.cat([up(low[i: i + ctx.batch_size], settings, seed=ctx.seed + i,
+                return torch.cat([up(low[i: i + ctx.batch_size].to(up.device), settings, seed=ctx.seed + i,
                                      prompts=texts[i: i + ctx.batch_size] if up.takes_text else None,
-                                     noise_level=level) for i in range(0, len(low), ctx.batch_size)])
+                                     noise_level=level).cpu() for i in range(0, len(low), ctx.batch_size)])
             gen, on_real = run(small, ctx.prompts), run(real_low, captions)
             s, r = score(gen, ctx.prompts), score(on_real, captions)
             row = {"all": s["all"], "fid": ctx.fid(gen), "psnr_input": _psnr(downsample(gen, up.low_res), small),

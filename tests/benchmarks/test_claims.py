@@ -72,3 +72,18 @@ def test_latent_pixel_trains_both_for_the_same_wall_time(tiny_ldm_export, tiny_c
     assert pixel_export.config["model"]["denoiser"]["in_channels"] == 3
     assert claim["verdict"].startswith(("Agrees", "Does not agree")) and "Rombach et al. 2022" in out.read_text()
     assert (tmp_path / "images" / "claims_latent_pixel.png").stat().st_size > 1000
+
+
+def test_replot_redraws_the_page_from_the_json(tmp_path):
+    """A GPU run without matplotlib writes --no-plots; --replot draws the figures later from the JSON alone."""
+    claims = _claims()
+    data = {f"{s} {e:g}": {"all": 0.5 + s / 4000, "fid": 1.0 / s, "shape": 0.9} for s in (10, 1000) for e in (0.0, 1.0)}
+    record = {"prompts": 4, "claims": [{"key": "ddim_ddpm", "title": "DDIM vs DDPM", "paper": "p", "figure": "f",
+                                        "columns": ["steps"], "rows": [[10]], "verdict": "Agrees: x", "data": data,
+                                        "seconds": 1.0, "machine": "m", "date": "d"}]}
+    out = tmp_path / "claims.md"
+    out.with_suffix(".json").write_text(json.dumps(record))
+    claims.main(["--replot", "--out", str(out)])
+    assert (tmp_path / "images" / "claims_ddim_ddpm.png").stat().st_size > 1000
+    assert "![DDIM vs DDPM](images/claims_ddim_ddpm.png)" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["claims"][0]["plot"] == "images/claims_ddim_ddpm.png"
