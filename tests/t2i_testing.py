@@ -258,3 +258,33 @@ def upsampler_overrides(run_dir, shapes, *extra):
             "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
             "model.denoiser.unet.model_channels=8", "model.denoiser.unet.num_head_channels=8",
             "model.denoiser.unet.num_groups=4", "model.sampler.steps=3", *extra]
+
+
+# ---- the tiny Imagen / GLIDE cascade stages and the noisy classifier on small shapes (or text-state) shards ----
+def _small(run_dir, train_shards, *extra):
+    return [f"run_dir={run_dir}", f"data.train_manifest={train_shards}/train", f"data.val_manifest={train_shards}/val",
+            "data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
+            "trainer.limit_val_batches=2", "model.sampler.steps=2", *extra]
+
+
+def base_overrides(kind, run_dir, shards, clip, *extra):
+    text = ([f"model.text_encoder.export_dir={clip}"] if kind == "imagen"
+            else ["model.text_encoder.width=32", "model.text_encoder.layers=1", "model.text_encoder.output_dim=32"])
+    return [f"experiment=tiny/{kind}_base", *_small(run_dir, shards), *text, "model.denoiser.model_channels=16",
+            "model.denoiser.num_head_channels=8", "model.denoiser.num_groups=4", "model.denoiser.context_dim=32",
+            "model.denoiser.vector_dim=32", *extra]
+
+
+def sr_overrides(kind, run_dir, shards, clip, *extra):
+    text = ([f"model.text_encoder.export_dir={clip}"] if kind == "imagen"
+            else ["model.text_encoder.width=32", "model.text_encoder.layers=1", "model.text_encoder.output_dim=32"])
+    return [f"experiment=tiny/{kind}_sr", *_small(run_dir, shards), *text, "model.denoiser.unet.model_channels=8",
+            "model.denoiser.unet.num_head_channels=8", "model.denoiser.unet.num_groups=4",
+            "model.denoiser.unet.context_dim=32", *extra]
+
+
+def classifier_overrides(shapes, run_dir, *extra):
+    return ["experiment=tiny/noisy_classifier", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
+            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
+            "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
+            "model.classifier.model_channels=8", "model.classifier.num_groups=4", *extra]

@@ -7,7 +7,8 @@ import importlib.util
 import json
 import sys
 
-from t2i_testing import REPO
+import pytest
+from t2i_testing import REPO, base_overrides, classifier_overrides, decoder_overrides, prior_overrides, sr_overrides
 
 
 def _claims():
@@ -87,3 +88,56 @@ def test_replot_redraws_the_page_from_the_json(tmp_path):
     assert (tmp_path / "images" / "claims_ddim_ddpm.png").stat().st_size > 1000
     assert "![DDIM vs DDPM](images/claims_ddim_ddpm.png)" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["claims"][0]["plot"] == "images/claims_ddim_ddpm.png"
+
+
+@pytest.fixture(scope="module")
+def cascade_and_unclip(small_shapes, clip_shards, tiny_clip_export, tmp_path_factory):
+    """One-step exports of every stage the other four claims read: the GLIDE base and SR stages (a pixel base
+    with its own text encoder, and a text-conditioned 16->64 SR with noise augmentation), the noisy classifier
+    (same schedule as the base), and the unCLIP prior and decoder."""
+    from t2i.cli.config import compose_config
+    from t2i.cli.train import train
+    root = tmp_path_factory.mktemp("claims_exports")
+    one = ("trainer.fast_dev_run=true",)
+
+    def run(overrides):
+        return str(train(compose_config(overrides)).export_dir)
+
+    return {"base": run(base_overrides("glide", root / "base", small_shapes, tiny_clip_export, *one)),
+            "sr": run(sr_overrides("glide", root / "sr", small_shapes, tiny_clip_export, *one)),
+            "classifier": run(classifier_overrides(small_shapes, root / "classifier", *one)),
+            "prior": run(prior_overrides(root / "prior", clip_shards, tiny_clip_export, *one)),
+            "decoder": run(decoder_overrides(root / "decoder", clip_shards, tiny_clip_export, *one))}
+
+
+def test_cascade_unclip_and_guidance_claims_run_on_tiny_exports(cascade_and_unclip, tiny_clip_export, small_shapes,
+                                                                 tmp_path, single_thread):
+    e = cascade_and_unclip
+    out = tmp_path / "claims.md"
+    _claims().main(["--base", e["base"], "--sr", e["sr"], "--classifier", e["classifier"], "--prior", e["prior"],
+                    "--decoder", e["decoder"], "--clip", str(tiny_clip_export), "--val", str(small_shapes / "val"),
+                    "--train", str(small_shapes / "train"), "--work", str(tmp_path / "w"), "--prompts", "2",
+                    "--batch-size", "2", "--only", "classifier_vs_cfg", "thresholding", "noise_augmentation", "unclip_prior",
+                    "--out", str(out)])
+    record = {c["key"]: c for c in json.loads(out.with_suffix(".json").read_text())["claims"]}
+    assert list(record) == ["thresholding", "noise_augmentation", "unclip_prior", "classifier_vs_cfg"]  # page order
+    assert [(r[0], r[1]) for r in record["thresholding"]["rows"][:-1]] == [
+        (s, m) for s in (1.0, 5.0, 8.0) for m in ("none", "static", "dynamic")]
+    noise = record["noise_augmentation"]
+    # the recipe's SR at levels 0 and its trained level, the retrained one (augmentation off) at 0 only
+    assert [(r[0], r[1]) for r in noise["rows"]] == [("augmentation on (recipe)", "0"),
+                                                     ("augmentation on (recipe)", "0.1"), ("augmentation off", "0")]
+    from t2i.exports import read_export
+    off = read_export(tmp_path / "w" / "sr_no_augmentation" / "export").config["model"]["degradation"]
+    assert off["noise_prob"] == 0.0 and off["sample_noise_level"] == 0.0
+    assert [r[0] for r in record["unclip_prior"]["rows"]] == [
+        "caption only", "caption + CLIP text embedding", "caption + prior's image embedding (unCLIP)",
+        "caption + true image embedding (upper bound)"]
+    assert [(r[0], r[1]) for r in record["classifier_vs_cfg"]["rows"]] == [
+        ("none (unconditional model)", 0.0), ("classifier", 3.0), ("classifier", 10.0), ("classifier", 30.0),
+        ("classifier-free", 1.0), ("classifier-free", 3.0), ("classifier-free", 5.0)]
+    for claim in record.values():
+        assert claim["verdict"].startswith(("Agrees", "Does not agree")) and claim["seconds"] > 0
+        assert (tmp_path / claim["plot"]).stat().st_size > 1000
+    page = out.read_text()
+    assert "Ramesh et al. 2022" in page and "Dhariwal & Nichol 2021" in page and "Cascaded Diffusion Models" in page

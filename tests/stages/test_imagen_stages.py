@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
-from t2i_testing import TOY_STAGE_OVERRIDES, load_data_prep, load_toy_recipe, recipe_strategy_overrides
+from t2i_testing import (
+    TOY_STAGE_OVERRIDES,
+    base_overrides,
+    load_data_prep,
+    load_toy_recipe,
+    recipe_strategy_overrides,
+    sr_overrides,
+)
 
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
@@ -29,28 +36,6 @@ def text_shards(small_shapes, tiny_clip_export, tmp_path_factory):
         encode.main(["--clip", str(tiny_clip_export), "--shards", str(small_shapes / split), "--out",
                      str(out / split), "--tokens", "16", "--batch", "64", "--device", "cpu"])
     return out
-
-
-def _small(run_dir, train_shards, *extra):
-    return [f"run_dir={run_dir}", f"data.train_manifest={train_shards}/train", f"data.val_manifest={train_shards}/val",
-            "data.batch_size=8", "data.num_workers=0", "data.min_samples_for_check=100000", "logger=csv",
-            "trainer.limit_val_batches=2", "model.sampler.steps=2", *extra]
-
-
-def base_overrides(kind, run_dir, shards, clip, *extra):
-    text = ([f"model.text_encoder.export_dir={clip}"] if kind == "imagen"
-            else ["model.text_encoder.width=32", "model.text_encoder.layers=1", "model.text_encoder.output_dim=32"])
-    return [f"experiment=tiny/{kind}_base", *_small(run_dir, shards), *text, "model.denoiser.model_channels=16",
-            "model.denoiser.num_head_channels=8", "model.denoiser.num_groups=4", "model.denoiser.context_dim=32",
-            "model.denoiser.vector_dim=32", *extra]
-
-
-def sr_overrides(kind, run_dir, shards, clip, *extra):
-    text = ([f"model.text_encoder.export_dir={clip}"] if kind == "imagen"
-            else ["model.text_encoder.width=32", "model.text_encoder.layers=1", "model.text_encoder.output_dim=32"])
-    return [f"experiment=tiny/{kind}_sr", *_small(run_dir, shards), *text, "model.denoiser.unet.model_channels=8",
-            "model.denoiser.unet.num_head_channels=8", "model.denoiser.unet.num_groups=4",
-            "model.denoiser.unet.context_dim=32", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from t2i_testing import classifier_overrides
 from torch import nn
 
 from t2i.cli.config import compose_config
@@ -27,13 +28,6 @@ from t2i.stages.noisy_classifier import NoisyClassifierStage, caption_labels
 
 PROMPTS = ["a large red circle in the top left on a white background",
            "a small blue square in the center on a black background"]
-
-
-def classifier_overrides(shapes, run_dir, *extra):
-    return ["experiment=tiny/noisy_classifier", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
-            f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
-            "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
-            "model.classifier.model_channels=8", "model.classifier.num_groups=4", *extra]
 
 
 @pytest.fixture(scope="module")
