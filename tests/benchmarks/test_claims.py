@@ -8,7 +8,14 @@ import json
 import sys
 
 import pytest
-from t2i_testing import REPO, base_overrides, classifier_overrides, decoder_overrides, prior_overrides, sr_overrides
+from t2i_testing import (
+    REPO,
+    base_overrides,
+    classifier_overrides,
+    decoder_overrides,
+    prior_overrides,
+    sr_overrides,
+)
 
 
 def _claims():
