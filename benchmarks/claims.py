@@ -64,12 +64,21 @@ def markdown(claims: list[dict], prompts: int) -> str:
              "| claim | verdict |", "|---|---|"]
     lines += [f"| [{c['title']}](#{c['key']}) | {c['verdict'].split(':', 1)[0]} |" for c in claims]
     lines.append("")
+    missing = [key for key in CLAIMS if key not in {c["key"] for c in claims}]
+    if missing:
+        lines += [(f"Not measured on this page yet: {', '.join(f'`{k}`' for k in missing)} (run `benchmarks/claims.py "
+                  f"--only {' '.join(missing)} --merge` once the recipes they read have been trained)."), ""]
     for c in claims:
         lines += [f'<a id="{c["key"]}"></a>', "", f"## {c['title']}", "", f"**Paper:** {c['paper']}", "",
                   f"**Paper's figure:** {c['figure']}", "",
                   "| " + " | ".join(c["columns"]) + " |", "|" + "---|" * len(c["columns"])]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in c["rows"]]
         lines += ["", f"**Measured:** {c['verdict']}", ""]
+        if c.get("baseline"):
+            floor = "; ".join(f"{fid:.4f} at {res}px" for res, fid in c["baseline"].items())
+            lines += [(f"Real-data floor: {prompts} real training images against the same validation images score "
+                      f"domain FID {floor} (FID's small-sample bias included); differences far below it are "
+                      "noise."), ""]
         if c.get("plot"):
             lines += [f"![{c['title']}]({c['plot']})", ""]
         lines += [f"*{c.get('machine', '?')}; {c.get('date', '?')}; {c.get('seconds', 0):.0f} s.*", ""]
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         claim: Claim = CLAIMS[key](ctx, work=args.work, minutes=args.minutes, **paths)
         claim.seconds = time.time() - start
+        claim.baseline = ctx.real_baseline()
+        ctx.real_stats.clear()  # the next claim's baseline covers only its own resolutions
         record = {**claim.__dict__, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
         if not args.no_plots:
             record["plot"] = plot_claim(claim, out.parent / "images" / f"claims_{key}.png", out.parent)

@@ -25,6 +25,7 @@ class Claim:
     rows: list[list] = field(default_factory=list)
     verdict: str = ""
     data: dict = field(default_factory=dict)  # the measured numbers behind the rows (for plots and the JSON)
+    baseline: dict = field(default_factory=dict)  # resolution -> domain FID of as many REAL images (see Context)
     seconds: float = 0.0  # wall time of the whole claim, training included
 
 
@@ -46,6 +47,16 @@ class Context:
             real, _ = real_images(self.val, res, 2000)
             self.real_stats[res] = feature_stats(self.clip, real, 256)
         return self.real_stats[res].distance(feature_stats(self.clip, images, 256))
+
+    def real_baseline(self) -> dict[int, float]:
+        """Domain FID of as many real training images as there are prompts against the same real validation
+        statistics, at each resolution judged so far: what real data scores at this sample count (FID's small-sample
+        bias included), the floor to read the rows against."""
+        out = {}
+        for res in sorted(self.real_stats):
+            real, _ = real_images(self.train, res, len(self.prompts))
+            out[res] = self.real_stats[res].distance(feature_stats(self.clip, real, 256))
+        return out
 
     @staticmethod
     def settings_of(pipe, steps: int = 50) -> SamplerSettings:
