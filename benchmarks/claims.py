@@ -76,9 +76,9 @@ def markdown(claims: list[dict], prompts: int) -> str:
         lines += ["", f"**Measured:** {c['verdict']}", ""]
         if c.get("baseline"):
             floor = "; ".join(f"{fid:.4f} at {res}px" for res, fid in c["baseline"].items())
-            lines += [(f"Real-data floor: {prompts} real training images against the same validation images score "
-                      f"domain FID {floor} (FID's small-sample bias included); differences far below it are "
-                      "noise."), ""]
+            lines += [(f"Real-data floor: {prompts} real training images score domain FID {floor} against the same "
+                       "validation images (FID's small-sample bias included): a row near it is as close to the real "
+                       f"data as {prompts} samples can show."), ""]
         if c.get("plot"):
             lines += [f"![{c['title']}]({c['plot']})", ""]
         lines += [f"*{c.get('machine', '?')}; {c.get('date', '?')}; {c.get('seconds', 0):.0f} s.*", ""]
