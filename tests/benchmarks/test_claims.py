@@ -29,8 +29,8 @@ def _claims():
 def test_claims_page_from_tiny_exports(tiny_ldm_export, tiny_clip_export, small_shapes, tmp_path, single_thread):
     out = tmp_path / "claims.md"
     _claims().main(["--ldm", str(tiny_ldm_export), "--clip", str(tiny_clip_export), "--val",
-                    str(small_shapes / "val"), "--prompts", "3", "--batch-size", "3", "--only", "ddim_ddpm", "cfg",
-                    "--out", str(out)])
+                    str(small_shapes / "val"), "--train", str(small_shapes / "train"), "--prompts", "3",
+                    "--batch-size", "3", "--only", "ddim_ddpm", "cfg", "--out", str(out)])
     page = out.read_text()
     record = json.loads(out.with_suffix(".json").read_text())
     ddim, cfg = record["claims"]
@@ -40,6 +40,8 @@ def test_claims_page_from_tiny_exports(tiny_ldm_export, tiny_clip_export, small_
         assert claim["verdict"].startswith(("Agrees", "Does not agree"))
         assert all(float(r[-1]) > 0 for r in claim["rows"])  # wall time measured
     assert "Song et al. 2021, Table 1" in page and "Ho & Salimans 2022" in page and "**Measured:**" in page
+    assert all(set(claim["baseline"]) == {"32"} for claim in (ddim, cfg))  # the real-data floor at the LDM's size
+    assert page.count("Real-data floor: 3 real training images") == 2
 
 
 def _module(name):
