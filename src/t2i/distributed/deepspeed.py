@@ -238,7 +238,7 @@ def zero_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def _weights_only_torch_load():
-    """DeepSpeed's converter calls ``torch.load(..., weights_only=False)``; a checkpoint a user points us at must
+    """DeepSpeed's converter unpickles its files with full pickle loading; a checkpoint a user points us at must
     not run code, so every load inside is forced to ``weights_only=True`` (the files hold tensors and plain
     containers, plus DeepSpeed's ZeRO stage enum and loss-scaler records, which are allow-listed)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
