@@ -23,6 +23,7 @@ from t2i.cli.train import train
 from t2i.conditioning.lowres import downsample
 from t2i.eval.ldm_report import real_images
 from t2i.eval.shapes import score
+from t2i.eval.unclip_report import _psnr
 from t2i.pipelines.cascade import CascadePipeline
 from t2i.pipelines.ldm import LatentDiffusionPipeline
 
@@ -45,7 +46,8 @@ def _rebased(node, old: str, new: str):
 def retrain_config(export: str | Path, run_dir: str | Path, **changes) -> dict:
     """The export's own training config, moved to ``run_dir``, quiet (no sample grids, no validation, CSV logs)
     and with ``changes`` applied (dotted keys, e.g. ``{"model.latents_from": "pixels"}``)."""
-    cfg = _rebased(export_config(export), str(export_config(export)["run_dir"]), str(run_dir))
+    original = export_config(export)
+    cfg = _rebased(original, str(original["run_dir"]), str(run_dir))
     quiet = {"model.sample_prompts": [], "model.sample_every_n_steps": 10**9, "final_validation": False,
              "trainer.limit_val_batches": 0, "trainer.enable_progress_bar": False, "ckpt_path": None,
              "logger": {"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(run_dir),
@@ -75,11 +77,6 @@ def train_run(cfg: dict) -> dict:
 
 def last_step(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"])
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a.float() - b.float()) / 2).pow(2).mean().clamp_min(1e-12)
-    return float(10 * torch.log10(1 / mse))
 
 
 def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
