@@ -82,3 +82,15 @@ def test_stage_references_resolve_inside_list_and_dict_arguments(tmp_path):
     runner.exports["vae"] = {"export": tmp_path / "vae" / "export", "hash": "abc", "run_dir": tmp_path / "vae"}
     value = runner._resolve_value({"list": ["${stage:vae}", 3], "nested": {"h": "${stage:vae.hash}"}, "n": 1})
     assert value == {"list": [str(tmp_path / "vae" / "export"), 3], "nested": {"h": "abc"}, "n": 1}
+
+
+def test_only_a_command_step_runs_it_without_checking_later_stages(tmp_path):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "only.yaml"
+    path.write_text(yaml.safe_dump({"steps": [
+        {"name": "prep", "kind": "command", "run": [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"]},
+        {"name": "untrained", "kind": "train", "experiment": "tiny/vae"}]}))
+    RecipeRunner(str(path)).run(only="prep")
+    assert marker.read_text() == "x"
+    with pytest.raises(RecipeError, match="names no step"):
+        RecipeRunner(str(path)).run(only="nope")

@@ -81,6 +81,9 @@ class RecipeRunner:
         return STAGE_REF.sub(sub, text)
 
     def run(self, only: str | None = None) -> dict[str, dict]:
+        if only and only not in {s["name"] for s in self.steps}:
+            raise RecipeError(f"{self.path}: --only {only!r} names no step; the steps are "
+                              f"{[s['name'] for s in self.steps]}")
         for step in self.steps:
             if only and step["name"] != only and step.get("kind") != "train":
                 continue
@@ -96,6 +99,8 @@ class RecipeRunner:
             else:
                 raise RecipeError(f"{self.path}: step {step['name']!r} has unknown kind {kind!r}")
             print(f"[recipe] {step['name']}: {time.time() - start:.0f}s", flush=True)
+            if only == step["name"]:
+                break  # later steps cannot feed this one: they are neither checked nor run
         return self.exports
 
     def stage_config(self, step: dict) -> tuple[list[str], dict]:
