@@ -8,6 +8,8 @@ import pytest
 
 from t2i.cli import config_reference as cr
 from t2i.cli.config import config_dir
+from t2i.cli.config_markdown import esc
+from t2i.cli.config_yaml import fmt_value, parse_yaml_text
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ f:
   - "- item: 1"
 g: 2
 """
-    package, description, comments, raw = cr.parse_yaml_text(text)
+    package, description, comments, raw = parse_yaml_text(text)
     assert package == "_global_"
     assert description == ["The description,", "on two lines.", "  python -m t2i.cli.train x=1"]
     assert comments == {("a",): "inline", ("b",): "above b", ("b", "c"): "above c after a quoted hash"}
@@ -93,8 +95,8 @@ g: 2
 
 
 def test_format_values():
-    assert cr.fmt_value(None) == "null" and cr.fmt_value(True) == "true" and cr.fmt_value(1e-6) == "1e-06"
-    assert cr.fmt_value(("SIGUSR1", "SIGUSR2")) == "[SIGUSR1, SIGUSR2]"
-    assert cr.fmt_value("") == '""' and cr.fmt_value("true") == '"true"' and cr.fmt_value("1") == '"1"'
-    assert cr.fmt_value("a, b") == '"a, b"' and cr.fmt_value("${paths.data}/x") == "${paths.data}/x"
-    assert cr.esc("`a|<b>` <c> | d") == "`a\\|<b>` &lt;c> \\| d"
+    assert fmt_value(None) == "null" and fmt_value(True) == "true" and fmt_value(1e-6) == "1e-06"
+    assert fmt_value(("SIGUSR1", "SIGUSR2")) == "[SIGUSR1, SIGUSR2]"
+    assert fmt_value("") == '""' and fmt_value("true") == '"true"' and fmt_value("1") == '"1"'
+    assert fmt_value("a, b") == '"a, b"' and fmt_value("${paths.data}/x") == "${paths.data}/x"
+    assert esc("`a|<b>` <c> | d") == "`a\\|<b>` &lt;c> \\| d"
