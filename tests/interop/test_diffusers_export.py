@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from t2i.diffusion.samplers import timesteps as t2i_timesteps
 from t2i.diffusion.schedule import make_schedule
 from t2i.exports import read_export, write_export
-from t2i.interop import diffusers_export, sd_unet, sd_vae
+from t2i.interop import diffusers_export, sd_unet, sd_vae, sd_vae_compvis, sd_vae_io
 from t2i.interop.clip_text_export import (
     TextEncoderUnsupported,
     clip_text_model_from_open_clip,
@@ -360,8 +360,8 @@ def test_single_file_round_trips_through_the_compvis_readers(exports, tmp_path):
     unet = sd_unet.compvis_unet_state_dict(sd, kwargs)
     assert unet.keys() == {k[len("denoiser."):] for k in ours if k.startswith("denoiser.")}
     assert all(torch.equal(v, ours["denoiser." + k]) for k, v in unet.items())
-    vae_model, vae_kwargs, _ = sd_vae.read_vae_export(export.config["model"]["first_stage_export"])
-    vae = sd_vae.compvis_vae_state_dict(sd)
+    vae_model, vae_kwargs, _ = sd_vae_io.read_vae_export(export.config["model"]["first_stage_export"])
+    vae = sd_vae_compvis.compvis_vae_state_dict(sd)
     sd_vae.check_t2i_vae_state_dict(vae, vae_kwargs)
     assert all(torch.equal(v, vae_model.state_dict()[k]) for k, v in vae.items())
     text = {k[len("cond_stage_model.model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.model.")}

@@ -18,7 +18,7 @@ from t2i_testing import tiny_ldm_overrides
 from t2i.cli.config import compose_config
 from t2i.cli.import_weights import import_stable_diffusion, main, preset_unet_kwargs
 from t2i.conditioning.text import OpenClipTextEncoder
-from t2i.interop import sd_unet
+from t2i.interop import sd_unet_config
 from t2i.interop.single_file import hf_clip_text_to_open_clip
 from t2i.nn.autoencoder import AutoencoderKL
 from t2i.nn.unet import UNet
@@ -111,7 +111,7 @@ def test_diffusers_folder_import(tmp_path):
                                              up_block_types=("UpDecoderBlock2D",) * 2), 5)
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     record = import_stable_diffusion(tmp_path / "pipe", tmp_path / "import")
-    kwargs = sd_unet.unet_kwargs_from_diffusers_config(dict(theirs.config))
+    kwargs = sd_unet_config.unet_kwargs_from_diffusers_config(dict(theirs.config))
     ours = UNet(**kwargs).eval()
     ours.load_state_dict(load_file(record["written"]["unet"]), strict=True)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 900]), torch.randn(2, 5, 32)

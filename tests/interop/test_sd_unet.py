@@ -12,13 +12,11 @@ import torch
 from t2i.interop.sd_unet import (
     compvis_checkpoint_state_dict,
     compvis_unet_state_dict,
-    diffusers_config_from_unet_kwargs,
     diffusers_to_t2i_unet_state_dict,
-    load_diffusers_unet,
-    save_diffusers_unet,
     t2i_to_diffusers_unet_state_dict,
-    unet_kwargs_from_diffusers_config,
 )
+from t2i.interop.sd_unet_config import diffusers_config_from_unet_kwargs, unet_kwargs_from_diffusers_config
+from t2i.interop.sd_unet_io import load_diffusers_unet, save_diffusers_unet
 from t2i.nn.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")

@@ -14,22 +14,21 @@ diffusers = pytest.importorskip("diffusers")
 
 from t2i.interop.sd_vae import (
     SD_SCALING_FACTOR,
-    autoencoder_kwargs_from_compvis_config,
-    autoencoder_kwargs_from_compvis_state_dict,
     autoencoder_kwargs_from_diffusers_config,
     check_t2i_vae_state_dict,
-    compvis_vae_state_dict,
     diffusers_config_from_autoencoder_kwargs,
     diffusers_to_t2i_vae_state_dict,
-    load_diffusers_vae,
     normalize_autoencoder_kwargs,
-    prefix_compvis_vae_state_dict,
-    read_vae_export,
-    save_diffusers_vae,
     scaling_factor_from_diffusers_config,
     t2i_to_diffusers_vae_state_dict,
-    write_vae_export,
 )
+from t2i.interop.sd_vae_compvis import (
+    autoencoder_kwargs_from_compvis_config,
+    autoencoder_kwargs_from_compvis_state_dict,
+    compvis_vae_state_dict,
+    prefix_compvis_vae_state_dict,
+)
+from t2i.interop.sd_vae_io import load_diffusers_vae, read_vae_export, save_diffusers_vae, write_vae_export
 from t2i.nn.autoencoder import AutoencoderKL
 
 TOL = 1e-5

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from t2i.cli.config import compose_config
-from t2i.interop import sd_unet, sd_vae
+from t2i.interop import sd_unet, sd_unet_io, sd_vae, sd_vae_compvis, sd_vae_io
 from t2i.interop.single_file import read_checkpoint, read_diffusers_text_encoder, split_sd_checkpoint
 from t2i.nn.autoencoder import AutoencoderKL
 
@@ -57,17 +57,17 @@ def _read_source(source: Path, ema: bool, unet_kwargs: dict | None) -> dict:
     if source.is_dir():
         if not (source / "unet").is_dir() or not (source / "vae").is_dir():
             raise FileNotFoundError(f"{source} is a folder but not a diffusers pipeline (no unet/ and vae/)")
-        unet, _ = sd_unet.load_diffusers_unet(source / "unet")
+        unet, _ = sd_unet_io.load_diffusers_unet(source / "unet")
         unet_sd = unet.state_dict()
         if unet_kwargs is not None:  # the strict check against the preset's architecture
             unet_sd = sd_unet.compvis_unet_state_dict(sd_unet.compvis_checkpoint_state_dict(unet_sd), unet_kwargs)
         text = read_diffusers_text_encoder(source / "text_encoder") if (source / "text_encoder").is_dir() else None
-        return {"unet": unet_sd, "vae": sd_vae.load_diffusers_vae(source / "vae"), "text": text}
+        return {"unet": unet_sd, "vae": sd_vae_io.load_diffusers_vae(source / "vae"), "text": text}
     sd = read_checkpoint(source)
     parts = split_sd_checkpoint(sd)
     unet_sd = sd_unet.compvis_unet_state_dict(sd, unet_kwargs, ema=ema)
-    vae_sd = sd_vae.compvis_vae_state_dict(sd)
-    vae_kwargs = sd_vae.autoencoder_kwargs_from_compvis_state_dict(vae_sd)
+    vae_sd = sd_vae_compvis.compvis_vae_state_dict(sd)
+    vae_kwargs = sd_vae_compvis.autoencoder_kwargs_from_compvis_state_dict(vae_sd)
     vae = AutoencoderKL(**vae_kwargs)
     sd_vae.check_t2i_vae_state_dict(vae_sd, vae_kwargs, str(source))
     vae.load_state_dict(vae_sd, strict=True)
@@ -88,7 +88,7 @@ def import_stable_diffusion(source: str | Path, out: str | Path, preset: str | N
         overrides.append(f"model.denoiser_init={written['unet']}")
     if what in ("all", "vae"):
         model, kwargs, scale = parts["vae"]
-        written["vae"] = str(sd_vae.write_vae_export(model, kwargs, scale, out / "vae", str(source)))
+        written["vae"] = str(sd_vae_io.write_vae_export(model, kwargs, scale, out / "vae", str(source)))
         overrides.append(f"model.first_stage_export={written['vae']}")
     if what in ("all", "text"):
         if parts["text"] is None:

@@ -3,7 +3,7 @@
 :func:`export_diffusers` writes::
 
     <out>/model_index.json                StableDiffusionPipeline, its components (null where not written)
-    <out>/unet/                           UNet2DConditionModel (t2i.interop.sd_unet.save_diffusers_unet)
+    <out>/unet/                           UNet2DConditionModel (t2i.interop.sd_unet_io.save_diffusers_unet)
     <out>/vae/                            AutoencoderKL, scaling_factor = the VAE export's latent scale
     <out>/scheduler/scheduler_config.json DDIMScheduler reproducing our schedule + parameterization
                                           (t2i.interop.scheduler, checked against make_schedule to 1e-6)
@@ -40,9 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from t2i.interop import sd_unet, sd_vae
 from t2i.interop.clip_text_export import (
     EOS,
     TEXT_ENCODER_CLASS,
@@ -54,15 +52,19 @@ from t2i.interop.clip_text_export import (
     clip_pad_token,
     write_text_encoder,
 )
+from t2i.interop.ldm_parts import LDMParts, load_ldm_parts
 from t2i.interop.scheduler import (
     CONFIG_NAME as SCHEDULER_CONFIG_NAME,
 )
 from t2i.interop.scheduler import (
     SchedulerExport,
     ddim_timestep_mismatch,
-    normalize_schedule,
     scheduler_export,
 )
+from t2i.interop.sd_unet import compvis_checkpoint_state_dict
+from t2i.interop.sd_unet_io import save_diffusers_unet
+from t2i.interop.sd_vae_compvis import prefix_compvis_vae_state_dict
+from t2i.interop.sd_vae_io import save_diffusers_vae
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 GUIDANCE_FILE = "t2i_guidance.safetensors"
@@ -71,73 +73,6 @@ _CHECK_STEPS = (10, 20, 25, 50, 100)
 STEPS_OFFSET_NOTE = ("StableDiffusionPipeline.__init__ rewrites the scheduler's steps_offset to 1 (a legacy SD 1 fix; "
                      "its FutureWarning says so), which shifts 'leading' timesteps by one from t2i's: after loading, "
                      "set pipe.scheduler = DDIMScheduler.from_pretrained(<folder>, subfolder='scheduler')")
-
-
-# ---- reading the LDM export ------------------------------------------------------------------------------------
-@dataclass
-class LDMParts:
-    """Everything of an LDM stage export that the exports below need, built on the CPU in eval mode."""
-    export_dir: Path
-    config: dict
-    unet: nn.Module
-    unet_kwargs: dict
-    cond_dropout: nn.Module
-    text_encoder: nn.Module | None  # an OpenClipTextEncoder (trained jointly or frozen), or None
-    text_encoder_problem: str | None  # why text_encoder is None
-    vae: nn.Module
-    vae_kwargs: dict
-    latent_scale: float
-    vae_dir: Path
-    image_size: int
-    schedule: dict
-    prediction: str
-    sampler: dict
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.vae.downsample_factor
-
-
-def load_ldm_parts(export_dir: str | Path, vae_export: str | Path | None = None) -> LDMParts:
-    """Read an LDM stage export (``denoiser.*``, ``cond_dropout.*``, ``text_encoder.*`` when trained jointly) and
-    the VAE export it names (or `vae_export`). A text encoder that cannot be built (e.g. a frozen tower whose
-    local checkpoint file is gone) is reported in ``text_encoder_problem``, not raised."""
-    from t2i.exports import read_export
-    from t2i.pipelines.build import load_module
-    from t2i.pipelines.ldm import text_encoder_of
-
-    export = read_export(export_dir)
-    model = export.config.get("model") or {}
-    if "denoiser" not in model:
-        raise DiffusersExportError(f"{export_dir} is a {export.stage!r} export without model.denoiser: not an LDM "
-                                   f"stage export")
-    latents_from = model.get("latents_from", "image" if "first_stage_export" in model else "pixels")
-    if latents_from == "pixels" or not (vae_export or model.get("first_stage_export")):
-        raise DiffusersExportError(f"{export_dir} is a pixel-space {export.stage!r} stage: a StableDiffusionPipeline "
-                                   f"needs a latent diffusion stage with a VAE (model.first_stage_export)")
-    vae_dir = Path(vae_export or model["first_stage_export"])
-    if not vae_dir.is_dir():
-        raise DiffusersExportError(f"{export_dir} needs its VAE export {vae_dir}, which is missing (pass vae_export=)")
-    unet = load_module(export, "denoiser", "denoiser")
-    unet_kwargs = {k: v for k, v in model["denoiser"].items() if not str(k).startswith("_")}
-    cond_dropout = load_module(export, "cond_dropout", "cond_dropout")
-    text, problem = None, None
-    if not model.get("text_encoder"):
-        problem = "the stage has no text encoder (model.text_encoder is empty)"
-    else:
-        try:
-            trained, frozen = text_encoder_of(export)
-            text = trained if trained is not None else frozen
-        except Exception as e:  # noqa: BLE001 - reported in the export's README and CLI output
-            problem = f"its text encoder could not be built: {type(e).__name__}: {e}"
-    vae, vae_kwargs, scale = sd_vae.read_vae_export(vae_dir)
-    if vae.latent_channels != unet.in_channels:
-        raise DiffusersExportError(f"{export_dir} denoises {unet.in_channels}-channel latents but the VAE export "
-                                   f"{vae_dir} makes {vae.latent_channels}-channel ones (pass vae_export=)")
-    return LDMParts(Path(export_dir), export.config, unet.eval(), unet_kwargs, cond_dropout.eval(), text, problem,
-                    vae.eval(), vae_kwargs, float(scale), vae_dir, int(model["image_size"]),
-                    normalize_schedule(model.get("schedule")), str(model.get("prediction", "eps")),
-                    dict(model.get("sampler") or {}))
 
 
 # ---- classifier-free guidance null -------------------------------------------------------------------------------
@@ -233,9 +168,9 @@ def export_diffusers(export_dir: str | Path, out: str | Path, *, vae_export: str
 
     tmp = _prepare_out(out)
     try:
-        sd_unet.save_diffusers_unet(parts.unet, parts.unet_kwargs, tmp / "unet", sample_size=parts.latent_size)
-        sd_vae.save_diffusers_vae(parts.vae, parts.vae_kwargs, parts.latent_scale, tmp / "vae",
-                                  sample_size=parts.image_size)
+        save_diffusers_unet(parts.unet, parts.unet_kwargs, tmp / "unet", sample_size=parts.latent_size)
+        save_diffusers_vae(parts.vae, parts.vae_kwargs, parts.latent_scale, tmp / "vae",
+                           sample_size=parts.image_size)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG_NAME).write_text(json.dumps(sched.config, indent=2) + "\n",
                                                                encoding="utf-8")
@@ -389,8 +324,8 @@ class SingleFileExport:
 def single_file_state_dict(parts: LDMParts) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The SD 2 CompVis layout of `parts`: ``model.diffusion_model.*``, ``first_stage_model.*`` and, for an
     open_clip text tower, ``cond_stage_model.model.*``; and warnings (what was left out)."""
-    sd = dict(sd_unet.compvis_checkpoint_state_dict(parts.unet.state_dict()))
-    sd.update(sd_vae.prefix_compvis_vae_state_dict(parts.vae.state_dict()))
+    sd = dict(compvis_checkpoint_state_dict(parts.unet.state_dict()))
+    sd.update(prefix_compvis_vae_state_dict(parts.vae.state_dict()))
     warnings = []
     tower = getattr(parts.text_encoder, "tower", None)
     if tower is not None:

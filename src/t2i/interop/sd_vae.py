@@ -5,7 +5,8 @@ Three layouts hold the same weights:
 - **ours** = **CompVis** (``ldm/modules/diffusionmodules/model.py``): ``encoder.down.N.block.M.*``,
   ``encoder.mid.block_1`` / ``mid.attn_1.{norm,q,k,v,proj_out}`` (1x1 convs, shape ``(C, C, 1, 1)``),
   ``norm_out``, ``quant_conv``; the decoder's ``up.N`` is indexed by resolution level, ``up.0`` being the
-  full resolution. A single-file SD checkpoint holds them under ``first_stage_model.``.
+  full resolution. A single-file SD checkpoint holds them under ``first_stage_model.``
+  (`t2i.interop.sd_vae_compvis`).
 - **diffusers** ``AutoencoderKL``: ``encoder.down_blocks.N.resnets.M.*`` (``nin_shortcut`` ->
   ``conv_shortcut``), ``mid_block.resnets.{0,1}``, ``mid_block.attentions.0.{group_norm,to_q,to_k,to_v,
   to_out.0}`` (Linear, shape ``(C, C)``), ``conv_norm_out``; the decoder's ``up_blocks.0`` is the LOWEST
@@ -14,6 +15,8 @@ Three layouts hold the same weights:
 The mapping is derived, per config, from our model's own parameter names (a table ``{ours: diffusers}``,
 a bijection checked on construction); every conversion checks the whole state dict first and raises a
 ``ValueError`` naming every missing key, unexpected key and shape mismatch: nothing is ever loaded partially.
+This module holds our constructor kwargs, the diffusers config translation and the key table; diffusers
+folders and t2i stage exports are read and written by `t2i.interop.sd_vae_io`.
 
 Numerics are the same on both sides (checked by tests/interop/test_sd_vae.py to <= 1e-5 in fp32): GroupNorm
 eps 1e-6 everywhere, single-head mid attention scaled by 1/sqrt(C), nearest x2 upsampling then a 3x3 conv,
@@ -25,44 +28,31 @@ Nothing here imports diffusers, Lightning or transformers, or downloads anything
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from t2i.interop.scheduler import diffusers_version
 from t2i.nn.autoencoder import AutoencoderKL
 
 __all__ = [
-    "COMPVIS_VAE_PREFIX",
     "DIFFUSERS_VAE_CLASS",
     "SD_SCALING_FACTOR",
-    "autoencoder_kwargs_from_compvis_config",
-    "autoencoder_kwargs_from_compvis_state_dict",
     "autoencoder_kwargs_from_diffusers_config",
     "check_t2i_vae_state_dict",
-    "compvis_vae_state_dict",
     "diffusers_config_from_autoencoder_kwargs",
     "diffusers_to_t2i_vae_state_dict",
     "diffusers_vae_key_map",
-    "load_diffusers_vae",
     "normalize_autoencoder_kwargs",
-    "prefix_compvis_vae_state_dict",
-    "read_vae_export",
-    "save_diffusers_vae",
     "scaling_factor_from_diffusers_config",
     "t2i_to_diffusers_vae_state_dict",
-    "write_vae_export",
 ]
 
-COMPVIS_VAE_PREFIX = "first_stage_model."
 DIFFUSERS_VAE_CLASS = "AutoencoderKL"
 SD_SCALING_FACTOR = 0.18215  # SD v1/v2 (and diffusers' default when a config has no scaling_factor)
-DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS = "config.json", "diffusion_pytorch_model"
 _T2I_TARGET = "t2i.nn.autoencoder.AutoencoderKL"
-_STAGE_TARGET = "t2i.stages.autoencoder.AutoencoderStage"
 _MAX_LISTED = 40
 
 
@@ -231,7 +221,7 @@ def diffusers_config_from_autoencoder_kwargs(kwargs: Mapping[str, Any], scaling_
                          f"{channels}: t2i then uses fewer groups there, which diffusers' norm_num_groups "
                          f"cannot represent")
     n = len(channels)
-    return {"_class_name": DIFFUSERS_VAE_CLASS, "_diffusers_version": _diffusers_version(),
+    return {"_class_name": DIFFUSERS_VAE_CLASS, "_diffusers_version": diffusers_version(),
             "in_channels": k["in_channels"], "out_channels": k["out_channels"],
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": channels, "layers_per_block": k["num_res_blocks"], "act_fn": "silu",
@@ -240,15 +230,6 @@ def diffusers_config_from_autoencoder_kwargs(kwargs: Mapping[str, Any], scaling_
             "latents_mean": None, "latents_std": None, "force_upcast": bool(force_upcast),
             "use_quant_conv": True, "use_post_quant_conv": True,
             "mid_block_add_attention": k["attn_in_mid"]}
-
-
-def _diffusers_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("diffusers")
-    except PackageNotFoundError:  # not installed: the config is still valid, diffusers only logs the version
-        return "0.30.0"
 
 
 # ---- state dict key table ------------------------------------------------------------------------------
@@ -346,186 +327,3 @@ def diffusers_to_t2i_vae_state_dict(sd: Mapping[str, torch.Tensor],
     _check(sd, expected, f"diffusers VAE state dict does not match the AutoencoderKL config{_brief(kwargs)}")
     return {key: sd[new].reshape(shapes[key]) if _ATTN_WEIGHT.fullmatch(key) else sd[new]
             for key, new in table.items()}
-
-
-# ---- single-file CompVis / SD checkpoints --------------------------------------------------------------
-def compvis_vae_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = COMPVIS_VAE_PREFIX,
-                           drop_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The VAE part of a single-file SD checkpoint: the ``first_stage_model.*`` keys with the prefix removed
-    (our names are CompVis's). ``prefix=""`` reads a bare CompVis VAE file (e.g. ``vae-ft-mse-*.ckpt``).
-    With `drop_loss`, ``loss.*`` keys (the training loss's LPIPS/discriminator, which some VAE files carry)
-    are left out. Mid-attention q/k/v/proj_out weights stored as Linear ``(C, C)`` (some converters write
-    them so) are reshaped to our ``(C, C, 1, 1)``. Raises ValueError when no key has `prefix`.
-    Check the result against a config with `check_t2i_vae_state_dict`."""
-    if prefix and not prefix.endswith("."):
-        prefix += "."
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not out:
-        sample = sorted(sd)[:8]
-        raise ValueError(f"no VAE weights under {prefix!r} in this checkpoint ({len(sd)} keys, e.g. {sample})")
-    if drop_loss:
-        out = {k: v for k, v in out.items() if not k.startswith("loss.")}
-    for key, value in out.items():
-        if _ATTN_WEIGHT.fullmatch(key) and value.dim() == 2:
-            out[key] = value.reshape(*value.shape, 1, 1)
-    return out
-
-
-def prefix_compvis_vae_state_dict(sd: Mapping[str, torch.Tensor],
-                                  prefix: str = COMPVIS_VAE_PREFIX) -> dict[str, torch.Tensor]:
-    """Our VAE state dict -> the keys a single-file SD checkpoint holds (``first_stage_model.<name>``)."""
-    if prefix and not prefix.endswith("."):
-        prefix += "."
-    return {prefix + k: v for k, v in sd.items()}
-
-
-_COMPVIS_DDCONFIG = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
-                     "num_res_blocks", "attn_resolutions", "dropout", "attn_type", "use_linear_attn",
-                     "resamp_with_conv", "tanh_out", "give_pre_end"}
-
-
-def autoencoder_kwargs_from_compvis_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Our constructor kwargs from a CompVis ``first_stage_config`` (``{target, params: {embed_dim, ddconfig}}``,
-    or its ``params``). CompVis's VAE uses 32-group GroupNorms. Raises ValueError naming what ours cannot
-    represent: attention at a resolution level (``attn_resolutions``), ``embed_dim != z_channels``,
-    ``double_z: false``, linear/none attention, ``tanh_out``, ``give_pre_end``, unknown ddconfig keys."""
-    params = config.get("params", config)
-    target = config.get("target")
-    if target is not None and not str(target).endswith("AutoencoderKL"):
-        raise ValueError(f"first stage target {target!r} is not a KL autoencoder")
-    if "ddconfig" not in params:
-        raise ValueError(f"not a CompVis first stage config (no params.ddconfig): keys {sorted(config)}")
-    dd = dict(params["ddconfig"])
-    refused = [f"unknown ddconfig keys {sorted(set(dd) - _COMPVIS_DDCONFIG)}"] if set(dd) - _COMPVIS_DDCONFIG else []
-    if list(dd.get("attn_resolutions") or []):
-        refused.append(f"attn_resolutions={list(dd['attn_resolutions'])} (ours has attention only in mid)")
-    if int(params.get("embed_dim", dd["z_channels"])) != int(dd["z_channels"]):
-        refused.append(f"embed_dim={params['embed_dim']} != z_channels={dd['z_channels']}")
-    for name, ok in (("double_z", True), ("use_linear_attn", False), ("tanh_out", False),
-                     ("give_pre_end", False), ("resamp_with_conv", True)):
-        if name in dd and bool(dd[name]) != ok:
-            refused.append(f"{name}={dd[name]}")
-    if dd.get("attn_type", "vanilla") != "vanilla":
-        refused.append(f"attn_type={dd['attn_type']!r}")
-    if refused:
-        raise ValueError("CompVis first stage config options that t2i's AutoencoderKL cannot represent: "
-                         + "; ".join(refused))
-    return {"in_channels": int(dd["in_channels"]), "out_channels": int(dd["out_ch"]),
-            "base_channels": int(dd["ch"]), "channel_mult": [int(m) for m in dd["ch_mult"]],
-            "num_res_blocks": int(dd["num_res_blocks"]), "latent_channels": int(dd["z_channels"]),
-            "attn_in_mid": True, "dropout": float(dd.get("dropout", 0.0)), "num_groups": 32}
-
-
-def autoencoder_kwargs_from_compvis_state_dict(sd: Mapping[str, torch.Tensor],
-                                               num_groups: int = 32) -> dict[str, Any]:
-    """Our constructor kwargs read off the shapes of a VAE state dict in our (= CompVis) names, for
-    single-file checkpoints that come without a config. `num_groups` cannot be read off weights (SD: 32).
-    The result still goes through the strict check when loaded."""
-    try:
-        conv_in = sd["encoder.conv_in.weight"]
-        base, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-        levels = sorted({int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-        blocks = {int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
-        widths = [int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels]
-        latent = int(sd["post_quant_conv.weight"].shape[0])
-        out_channels = int(sd["decoder.conv_out.weight"].shape[0])
-    except KeyError as e:
-        raise ValueError(f"not a CompVis/t2i VAE state dict: no {e.args[0]!r}") from None
-    if not levels or levels != list(range(len(levels))) or any(w % base for w in widths):
-        raise ValueError(f"cannot read a t2i AutoencoderKL config off this state dict: levels {levels}, "
-                         f"widths {widths}, conv_in width {base}")
-    return {"in_channels": in_channels, "out_channels": out_channels, "base_channels": base,
-            "channel_mult": [w // base for w in widths], "num_res_blocks": len(blocks), "latent_channels": latent,
-            "attn_in_mid": "encoder.mid.attn_1.q.weight" in sd, "dropout": 0.0, "num_groups": int(num_groups)}
-
-
-# ---- diffusers folders ---------------------------------------------------------------------------------
-def _unwrap(model: torch.nn.Module) -> AutoencoderKL:
-    inner = getattr(model, "autoencoder", model)  # a FrozenAutoencoder from load_autoencoder
-    if not isinstance(inner, AutoencoderKL):
-        raise TypeError(f"expected t2i.nn.autoencoder.AutoencoderKL (or a FrozenAutoencoder), got "
-                        f"{type(model).__name__}")
-    return inner
-
-
-def load_diffusers_vae(folder: str | Path, variant: str | None = None
-                       ) -> tuple[AutoencoderKL, dict[str, Any], float]:
-    """Our AutoencoderKL (fp32, eval mode) from a diffusers ``AutoencoderKL`` folder: ``config.json`` and
-    ``diffusion_pytorch_model[.<variant>].safetensors`` (else ``.bin``, read with ``weights_only=True``).
-    Returns ``(model, kwargs, scaling_factor)``. Raises ValueError for a config ours cannot represent and
-    for any missing/unexpected key or shape mismatch; FileNotFoundError when a file is missing."""
-    from t2i.weights import load_tensor_file
-
-    folder = Path(folder)
-    config_path = folder / DIFFUSERS_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"diffusers VAE folder {folder} has no {DIFFUSERS_CONFIG}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from e
-    kwargs = autoencoder_kwargs_from_diffusers_config(config)
-    scale = scaling_factor_from_diffusers_config(config)
-    stem = DIFFUSERS_WEIGHTS + (f".{variant}" if variant else "")
-    candidates = [folder / f"{stem}.safetensors", folder / f"{stem}.bin"]
-    weights = next((p for p in candidates if p.is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"diffusers VAE folder {folder} has none of "
-                                f"{[p.name for p in candidates]}")
-    try:
-        sd = diffusers_to_t2i_vae_state_dict(load_tensor_file(weights), kwargs)
-    except ValueError as e:
-        raise ValueError(f"{weights}: {e}") from None
-    model = AutoencoderKL(**kwargs)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
-    return model.eval(), kwargs, scale
-
-
-def save_diffusers_vae(model: torch.nn.Module, kwargs: Mapping[str, Any], scaling_factor: float,
-                       folder: str | Path, sample_size: int = 512, force_upcast: bool = True) -> Path:
-    """Write our AutoencoderKL as a diffusers ``AutoencoderKL`` folder (``config.json`` with ``_class_name:
-    AutoencoderKL`` and `scaling_factor`, ``diffusion_pytorch_model.safetensors`` in diffusers' names), which
-    ``diffusers.AutoencoderKL.from_pretrained(folder)`` loads. Raises ValueError when the model's weights do
-    not match `kwargs` or `kwargs` is not representable (see `diffusers_config_from_autoencoder_kwargs`)."""
-    from safetensors.torch import save_file
-
-    config = diffusers_config_from_autoencoder_kwargs(kwargs, scaling_factor, sample_size, force_upcast)
-    sd = t2i_to_diffusers_vae_state_dict(_unwrap(model).state_dict(), kwargs)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()},
-              str(folder / f"{DIFFUSERS_WEIGHTS}.safetensors"), metadata={"format": "pt"})
-    (folder / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-# ---- t2i VAE stage exports -----------------------------------------------------------------------------
-def write_vae_export(model: torch.nn.Module, kwargs: Mapping[str, Any], scaling_factor: float,
-                     out_dir: str | Path, source: str) -> Path:
-    """Write an imported VAE as a t2i ``autoencoder`` stage export that `t2i.pipelines.autoencoder.
-    load_autoencoder` (and the LDM stage's ``first_stage_export``) loads: weights under ``autoencoder.``,
-    config ``model.autoencoder`` = our AutoencoderKL node, metrics latent_scale = `scaling_factor`,
-    latent_channels, downsample_factor; `source` (where the weights came from) in config and stage.json."""
-    from t2i.exports import write_export
-
-    ae = _unwrap(model)
-    k = normalize_autoencoder_kwargs(kwargs)
-    state = ae.state_dict()
-    check_t2i_vae_state_dict(state, k, "model")
-    node = {"_target_": _T2I_TARGET, **{name: v for name, v in k.items() if name != "gradient_checkpointing"}}
-    config = {"model": {"_target_": _STAGE_TARGET, "autoencoder": node},
-              "imported": {"source": str(source), "latent_scale": float(scaling_factor)}}
-    metrics = {"latent_scale": float(scaling_factor), "latent_channels": ae.latent_channels,
-               "downsample_factor": ae.downsample_factor}
-    return write_export(out_dir, "autoencoder", {f"autoencoder.{n}": v for n, v in state.items()}, config,
-                        metrics=metrics, extra={"imported_from": str(source)})
-
-
-def read_vae_export(export_dir: str | Path) -> tuple[AutoencoderKL, dict[str, Any], float]:
-    """``(model, kwargs, latent_scale)`` of a t2i autoencoder stage export (e.g. to `save_diffusers_vae`)."""
-    from t2i.exports import read_export
-    from t2i.pipelines.autoencoder import load_autoencoder
-
-    frozen = load_autoencoder(export_dir)
-    node = dict(read_export(export_dir, stage="autoencoder").config["model"]["autoencoder"])
-    return frozen.autoencoder, normalize_autoencoder_kwargs(node), frozen.latent_scale

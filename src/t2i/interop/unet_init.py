@@ -16,7 +16,7 @@ from t2i.weights import check_state_dict
 def load_unet_weights(unet: nn.Module, source: str | Path) -> None:
     source = Path(source)
     if source.is_dir():
-        from t2i.interop.sd_unet import load_diffusers_unet
+        from t2i.interop.sd_unet_io import load_diffusers_unet
         imported, _ = load_diffusers_unet(source)
         sd = imported.state_dict()
     else:
