@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         figures[f"tiny VAE training, 32px, batch {args.vae_batch}, bf16 autocast"] = {"value": bf16,
                                                                                         "unit": "images/s"}
     if args.json:
-        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        from report_record import write_record  # benchmarks/report_record.py (this folder is on sys.path)
         write_record(args.json, "data_throughput", f"batch {args.batch}", args, figures,
                      script=__file__, argv=argv)
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.batch / seconds:8.1f} images/s")
     print(f"efficient / plain step time: {results[1] / results[0]:.2f}")
     if args.json:
-        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        from report_record import write_record  # benchmarks/report_record.py (this folder is on sys.path)
         figures = {}
         for (key, model), seconds in zip((("plain", plain), ("efficient", efficient)), results):
             figures[f"{key} params"] = {"value": params(model), "unit": "params"}

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CFG network time per step: batched {timings['batched 2B'] * 1000:.1f} ms, two calls "
           f"{timings['two calls of B'] * 1000:.1f} ms (batched/two = {timings['batched 2B'] / timings['two calls of B']:.2f})")
     if args.json:
-        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        from report_record import write_record  # benchmarks/report_record.py (this folder is on sys.path)
         figures = {"DDIM total": {"value": 1000 * total, "unit": "ms"},
                    "network": {"value": 1000 * net.seconds, "unit": "ms"},
                    "network calls": {"value": net.calls, "unit": "calls"},

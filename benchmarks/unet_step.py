@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  train step: ours {1000 * results['ours']:.1f} ms  diffusers {1000 * results['diffusers']:.1f} ms  "
           f"ratio ours/theirs {results['ours'] / results['diffusers']:.3f}")
     if args.json:
-        from report import write_record  # benchmarks/report.py (this script's folder is on sys.path)
+        from report_record import write_record  # benchmarks/report_record.py (this folder is on sys.path)
         figures = {"ours params": {"value": pa, "unit": "params"},
                    "diffusers params": {"value": pb, "unit": "params"},
                    "ours step": {"value": 1000 * results["ours"], "unit": "ms"},

@@ -126,13 +126,13 @@ def test_write_tables_machines_and_order(tiny_records, tmp_path):
 
 
 def test_pivot_rows_nulls_notes_and_cli(tmp_path):
-    report = _load("report")
+    rec = _load("report_record")
     machine = {"cpu": "Test CPU", "cores": 4, "threads": 4, "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.0",
                "python": "3.12", "date": "2026-01-02T03:04:05Z", "load_1m": 0.5}
-    figures = {"UNet params": report.figure(859520964, "params"),
-               "ddp: images/s": report.figure(700.25, "images/s"), "ddp: MFU": report.figure(38.04, "%"),
-               "ddp: peak mem": report.figure(41.5, "GiB"),
-               "deepspeed_stage_3: images/s": report.figure(None, "images/s", "timed out after 100 s")}
+    figures = {"UNet params": rec.figure(859520964, "params"),
+               "ddp: images/s": rec.figure(700.25, "images/s"), "ddp: MFU": rec.figure(38.04, "%"),
+               "ddp: peak mem": rec.figure(41.5, "GiB"),
+               "deepspeed_stage_3: images/s": rec.figure(None, "images/s", "timed out after 100 s")}
     record = {"benchmark": "train_throughput", "variant": "sd, batch 32, channels_last", "device": "cuda",
               "machine": machine, "settings": {"config": "sd"}, "figures": figures, "source": "measured"}
     (tmp_path / "train_throughput-x.json").write_text(json.dumps(record))
@@ -152,8 +152,8 @@ def test_pivot_rows_nulls_notes_and_cli(tmp_path):
 
 def test_committed_report_matches_committed_records():
     """docs/performance.md is generated: it must be what `report.py write` makes of benchmarks/results."""
-    report = _load("report")
-    assert (REPO / "docs" / "performance.md").read_text() == report.render(report.load_records(BENCH / "results"))
+    page = _load("report_render")
+    assert (REPO / "docs" / "performance.md").read_text() == page.render(page.load_records(BENCH / "results"))
 
 
 @pytest.mark.slow
