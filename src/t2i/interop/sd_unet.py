@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from t2i.interop.sd_unet_config import _as_list, _full_kwargs
+from t2i.interop.sd_unet_config import as_list, full_unet_kwargs
 from t2i.nn.unet import UNet
 
 COMPVIS_UNET_PREFIX = "model.diffusion_model."
@@ -38,7 +38,7 @@ _LIST_LIMIT = 40
 def _module_table(full: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     """``(our module prefix, diffusers module prefix, is a resnet)`` for every module with parameters."""
     levels = len(full["channel_mult"])
-    nrb = [int(n) for n in _as_list(full["num_res_blocks"])]
+    nrb = [int(n) for n in as_list(full["num_res_blocks"])]
     nrb = nrb * levels if len(nrb) == 1 else nrb
     attention = {int(a) for a in full["attention_levels"]}
     rows = [("time_embed.0.", "time_embedding.linear_1.", False), ("time_embed.2.", "time_embedding.linear_2.", False),
@@ -103,7 +103,7 @@ def _key_map(full: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, torch.S
     return mapping, shapes
 
 
-def _listing(keys: list[str]) -> str:
+def key_listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:_LIST_LIMIT])
     return f"[{shown}{f', ... and {len(keys) - _LIST_LIMIT} more' if len(keys) > _LIST_LIMIT else ''}]"
 
@@ -133,8 +133,8 @@ def _rename(sd: Mapping[str, Any], key_map: Mapping[str, str], shapes: Mapping[s
         out[target] = value
     if missing or unexpected or bad:
         raise ValueError(f"{what}: the state dict does not match the UNet configuration: "
-                         f"{len(missing)} missing keys {_listing(missing)}, {len(unexpected)} unexpected keys "
-                         f"{_listing(unexpected)}, {len(bad)} shape mismatches {_listing(bad)}")
+                         f"{len(missing)} missing keys {key_listing(missing)}, {len(unexpected)} unexpected keys "
+                         f"{key_listing(unexpected)}, {len(bad)} shape mismatches {key_listing(bad)}")
     return out
 
 
@@ -144,7 +144,7 @@ def diffusers_to_t2i_unet_state_dict(sd: Mapping[str, torch.Tensor],
 
     `unet_kwargs` are our UNet's (e.g. from :func:`unet_kwargs_from_diffusers_config`). A missing, unexpected
     or mis-shaped key raises a ValueError listing them all."""
-    full = _full_kwargs(unet_kwargs)
+    full = full_unet_kwargs(unet_kwargs)
     ours_to_theirs, shapes = _key_map(full)
     theirs_to_ours = {theirs: ours for ours, theirs in ours_to_theirs.items()}
     theirs_shapes = {theirs: shapes[ours] for ours, theirs in ours_to_theirs.items()}
@@ -155,7 +155,7 @@ def t2i_to_diffusers_unet_state_dict(sd: Mapping[str, torch.Tensor],
                                      unet_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Our UNet's state dict renamed to diffusers ``UNet2DConditionModel`` keys (same tensors, no copy); the
     inverse of :func:`diffusers_to_t2i_unet_state_dict`, with the same checks."""
-    full = _full_kwargs(unet_kwargs)
+    full = full_unet_kwargs(unet_kwargs)
     ours_to_theirs, shapes = _key_map(full)
     return _rename(sd, ours_to_theirs, shapes, "t2i UNet -> diffusers UNet")
 
@@ -175,7 +175,7 @@ def compvis_unet_state_dict(sd: Mapping[str, torch.Tensor], unet_kwargs: Mapping
         names = {k: "model_ema." + k[len("model."):].replace(".", "") for k in keys}
         absent = sorted(v for v in names.values() if v not in sd)
         if absent:
-            raise ValueError(f"ema=True but the checkpoint lacks {len(absent)} EMA tensors {_listing(absent)}")
+            raise ValueError(f"ema=True but the checkpoint lacks {len(absent)} EMA tensors {key_listing(absent)}")
         unet = {k[len(COMPVIS_UNET_PREFIX):]: sd[names[k]] for k in keys}
     else:
         unet = {k[len(COMPVIS_UNET_PREFIX):]: sd[k] for k in keys}

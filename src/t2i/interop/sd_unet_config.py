@@ -90,7 +90,7 @@ _UNSUPPORTED_OURS: dict[str, tuple[Any, str]] = {
 }
 
 
-def _as_list(value: Any) -> list:
+def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
@@ -125,11 +125,11 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
     for name, (allowed, what) in _FIXED.items():
         if cfg[name] not in allowed:
             problems.append(f"{name}={cfg[name]!r} ({what}; supported: {', '.join(map(repr, allowed))})")
-    if any(_as_list(cfg["only_cross_attention"])):
+    if any(as_list(cfg["only_cross_attention"])):
         problems.append(f"only_cross_attention={cfg['only_cross_attention']!r} (attn1 attending to the context)")
 
     channels = cfg["block_out_channels"]
-    if not channels or not all(_is_int(c) and c > 0 for c in _as_list(channels)):
+    if not channels or not all(_is_int(c) and c > 0 for c in as_list(channels)):
         raise ValueError(f"unsupported diffusers UNet config: block_out_channels={channels!r}")
     channels = list(channels)
     levels, base = len(channels), channels[0]
@@ -161,7 +161,7 @@ def unet_kwargs_from_diffusers_config(config: Mapping[str, Any]) -> dict[str, An
         problems.append(f"time_embedding_dim={time_dim} (ours is 4 * block_out_channels[0] = {4 * base})")
 
     context = cfg["cross_attention_dim"]
-    contexts = _as_list(context)
+    contexts = as_list(context)
     if not contexts or not all(_is_int(c) and c > 0 for c in contexts) or len(set(contexts)) != 1:
         problems.append(f"cross_attention_dim={context!r} (one context width is required)")
     num_res_blocks = _per_level(cfg["layers_per_block"], levels, "layers_per_block", problems)
@@ -215,7 +215,7 @@ def _unet_defaults() -> dict[str, Any]:
     return {name: p.default for name, p in params.items() if name != "self"}
 
 
-def _full_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def full_unet_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """`kwargs` (``_``-prefixed keys such as Hydra's ``_target_`` ignored) completed with the UNet's defaults;
     every option diffusers cannot express is reported in one ValueError."""
     defaults = _unet_defaults()
@@ -248,14 +248,14 @@ def diffusers_config_from_unet_kwargs(kwargs: Mapping[str, Any], sample_size: in
     """The diffusers ``UNet2DConditionModel`` ``config.json`` of our UNet built with `kwargs` (the inverse of
     :func:`unet_kwargs_from_diffusers_config`); `sample_size` is the latent size diffusers pipelines default to.
     Options diffusers cannot express raise a ValueError naming them."""
-    full = _full_kwargs(kwargs)
+    full = full_unet_kwargs(kwargs)
     mults = [int(m) for m in full["channel_mult"]]
     levels, base = len(mults), int(full["model_channels"])
     channels = [base * m for m in mults]
     attention = {int(a) for a in full["attention_levels"]}
 
     def per_level(value: Any) -> int | list[int]:
-        values = [int(v) for v in _as_list(value)]
+        values = [int(v) for v in as_list(value)]
         return values[0] if len(set(values)) == 1 else values
 
     if int(full["num_head_channels"]) > 0:

@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-from t2i.interop.sd_unet import _listing, diffusers_to_t2i_unet_state_dict, t2i_to_diffusers_unet_state_dict
+from t2i.interop.sd_unet import (
+    diffusers_to_t2i_unet_state_dict,
+    key_listing,
+    t2i_to_diffusers_unet_state_dict,
+)
 from t2i.interop.sd_unet_config import (
     DIFFUSERS_CLASS_NAME,
     diffusers_config_from_unet_kwargs,
@@ -43,7 +47,7 @@ def _read_diffusers_weights(folder: Path, variant: str | None) -> dict[str, torc
                 sd.update(load_tensor_file(folder / shard))
             absent = sorted(set(weight_map) - set(sd))
             if absent:
-                raise ValueError(f"{index} names tensors its shards lack: {_listing(absent)}")
+                raise ValueError(f"{index} names tensors its shards lack: {key_listing(absent)}")
             return sd
     raise FileNotFoundError(f"no {stem}{infix}.safetensors or .bin (or a sharded index) in {folder}")
 

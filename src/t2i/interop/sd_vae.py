@@ -52,7 +52,7 @@ __all__ = [
 
 DIFFUSERS_VAE_CLASS = "AutoencoderKL"
 SD_SCALING_FACTOR = 0.18215  # SD v1/v2 (and diffusers' default when a config has no scaling_factor)
-_T2I_TARGET = "t2i.nn.autoencoder.AutoencoderKL"
+AUTOENCODER_TARGET = "t2i.nn.autoencoder.AutoencoderKL"
 _MAX_LISTED = 40
 
 
@@ -75,12 +75,12 @@ def normalize_autoencoder_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Our AutoencoderKL's full constructor kwargs (defaults filled in, ``channel_mult`` a list of ints) from
     `kwargs`, which may be a Hydra node (its ``_target_`` must then be our AutoencoderKL). Unknown keys raise."""
     kwargs = dict(kwargs)
-    target = kwargs.pop("_target_", _T2I_TARGET)
-    if target != _T2I_TARGET:
-        raise ValueError(f"autoencoder kwargs name _target_={target!r}, expected {_T2I_TARGET!r}")
+    target = kwargs.pop("_target_", AUTOENCODER_TARGET)
+    if target != AUTOENCODER_TARGET:
+        raise ValueError(f"autoencoder kwargs name _target_={target!r}, expected {AUTOENCODER_TARGET!r}")
     unknown = sorted(set(kwargs) - set(_T2I_PARAMS))
     if unknown:
-        raise ValueError(f"unknown {_T2I_TARGET} kwargs {unknown} (it takes {sorted(_T2I_PARAMS)})")
+        raise ValueError(f"unknown {AUTOENCODER_TARGET} kwargs {unknown} (it takes {sorted(_T2I_PARAMS)})")
     out = {**_T2I_PARAMS, **kwargs}
     out["channel_mult"] = [int(m) for m in out["channel_mult"]]
     for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "latent_channels", "num_groups"):
@@ -238,7 +238,7 @@ def _resnet(leaf: str) -> str:
 
 
 _ATTN_LEAF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_WEIGHT = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+ATTN_WEIGHT_KEY = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 
 # our (CompVis) name -> diffusers name; `n` is the number of resolution levels (for the decoder's reversal)
 _RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str], int], str]]] = [
@@ -278,7 +278,7 @@ def diffusers_vae_key_map(kwargs: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _diffusers_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return shape[:2] if _ATTN_WEIGHT.fullmatch(key) else shape
+    return shape[:2] if ATTN_WEIGHT_KEY.fullmatch(key) else shape
 
 
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -311,7 +311,7 @@ def t2i_to_diffusers_vae_state_dict(sd: Mapping[str, torch.Tensor],
     out = {}
     for key, new in table.items():
         value = sd[key]
-        out[new] = value.reshape(value.shape[:2]) if _ATTN_WEIGHT.fullmatch(key) else value
+        out[new] = value.reshape(value.shape[:2]) if ATTN_WEIGHT_KEY.fullmatch(key) else value
     return out
 
 
@@ -325,5 +325,5 @@ def diffusers_to_t2i_vae_state_dict(sd: Mapping[str, torch.Tensor],
     table = diffusers_vae_key_map(kwargs)
     expected = {new: _diffusers_shape(key, shapes[key]) for key, new in table.items()}
     _check(sd, expected, f"diffusers VAE state dict does not match the AutoencoderKL config{_brief(kwargs)}")
-    return {key: sd[new].reshape(shapes[key]) if _ATTN_WEIGHT.fullmatch(key) else sd[new]
+    return {key: sd[new].reshape(shapes[key]) if ATTN_WEIGHT_KEY.fullmatch(key) else sd[new]
             for key, new in table.items()}

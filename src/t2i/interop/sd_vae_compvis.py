@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from t2i.interop.sd_vae import _ATTN_WEIGHT
+from t2i.interop.sd_vae import ATTN_WEIGHT_KEY
 
 __all__ = ["COMPVIS_VAE_PREFIX", "autoencoder_kwargs_from_compvis_config", "autoencoder_kwargs_from_compvis_state_dict",
            "compvis_vae_state_dict", "prefix_compvis_vae_state_dict"]
@@ -42,7 +42,7 @@ def compvis_vae_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = COMPVIS
     if drop_loss:
         out = {k: v for k, v in out.items() if not k.startswith("loss.")}
     for key, value in out.items():
-        if _ATTN_WEIGHT.fullmatch(key) and value.dim() == 2:
+        if ATTN_WEIGHT_KEY.fullmatch(key) and value.dim() == 2:
             out[key] = value.reshape(*value.shape, 1, 1)
     return out
 

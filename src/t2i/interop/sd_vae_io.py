@@ -96,7 +96,7 @@ def write_vae_export(model: torch.nn.Module, kwargs: Mapping[str, Any], scaling_
     k = sd_vae.normalize_autoencoder_kwargs(kwargs)
     state = ae.state_dict()
     sd_vae.check_t2i_vae_state_dict(state, k, "model")
-    node = {"_target_": sd_vae._T2I_TARGET, **{name: v for name, v in k.items() if name != "gradient_checkpointing"}}
+    node = {"_target_": sd_vae.AUTOENCODER_TARGET, **{name: v for name, v in k.items() if name != "gradient_checkpointing"}}
     config = {"model": {"_target_": _STAGE_TARGET, "autoencoder": node},
               "imported": {"source": str(source), "latent_scale": float(scaling_factor)}}
     metrics = {"latent_scale": float(scaling_factor), "latent_channels": ae.latent_channels,
