@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         for c in record["claims"]:
             c["plot"] = plot_claim(Claim(**{k: v for k, v in c.items() if k in fields}),
                                    out.parent / "images" / f"claims_{c['key']}.png", out.parent)
-        out.write_text(markdown(record["claims"], record["prompts"]) + "\n", encoding="utf-8")
-        record_path.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        write_page(out, record["claims"], record["prompts"])
         print(f"[claims] redrew {len(record['claims'])} plots and {out}")
         return
     if args.merge and record_path.exists():
@@ -144,12 +143,16 @@ def main(argv: list[str] | None = None) -> None:
             record["plot"] = plot_claim(claim, out.parent / "images" / f"claims_{key}.png", out.parent)
         kept[key] = record
         print(f"[claims] {key}: {claim.seconds:.0f} s — {claim.verdict}", flush=True)
-    claims = [kept[k] for k in CLAIMS if k in kept]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(claims, args.prompts) + "\n", encoding="utf-8")
-    record_path.write_text(json.dumps({"prompts": args.prompts, "claims": claims}, indent=1, default=str) + "\n",
-                           encoding="utf-8")
+        write_page(out, [kept[k] for k in CLAIMS if k in kept], args.prompts)  # after each claim: a later
+        # claim's failure keeps the ones measured before it
     print(f"[claims] wrote {out} and {record_path}")
+
+
+def write_page(out: Path, claims: list[dict], prompts: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(claims, prompts) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"prompts": prompts, "claims": claims}, indent=1, default=str)
+                                        + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
