@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         claim: Claim = CLAIMS[key](ctx, work=args.work, minutes=args.minutes, **paths)
         claim.seconds = time.time() - start
-        claim.baseline = ctx.real_baseline()
-        ctx.real_stats.clear()  # the next claim's baseline covers only its own resolutions
+        claim.baseline = ctx.real_baseline()  # at this claim's resolutions (real statistics are shared)
         record = {**claim.__dict__, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
         if not args.no_plots:
             record["plot"] = plot_claim(claim, out.parent / "images" / f"claims_{key}.png", out.parent)

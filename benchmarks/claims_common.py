@@ -40,22 +40,26 @@ class Context:
     work: str = "runs/claims"  # where claims that train write their runs
     device: str = "cpu"  # where the pipelines sample (and the claims that train, train); judged on the CPU
     real_stats: dict = field(default_factory=dict)  # resolution -> FeatureStats of real validation images
+    floors: dict = field(default_factory=dict)  # resolution -> domain FID of real training images (real_baseline)
+    judged: set = field(default_factory=set)  # resolutions judged since the last real_baseline()
 
     def fid(self, images: torch.Tensor) -> float:
         res = images.shape[-1]
         if res not in self.real_stats:
             real, _ = real_images(self.val, res, 2000)
             self.real_stats[res] = feature_stats(self.clip, real, 256)
+        self.judged.add(res)
         return self.real_stats[res].distance(feature_stats(self.clip, images, 256))
 
     def real_baseline(self) -> dict[int, float]:
         """Domain FID of as many real training images as there are prompts against the same real validation
-        statistics, at each resolution judged so far: what real data scores at this sample count (FID's small-sample
-        bias included), the floor to read the rows against."""
-        out = {}
-        for res in sorted(self.real_stats):
+        statistics, at each resolution judged since the last call (one claim's): what real data scores at this
+        sample count (FID's small-sample bias included), the floor to read the rows against."""
+        for res in self.judged - set(self.floors):
             real, _ = real_images(self.train, res, len(self.prompts))
-            out[res] = self.real_stats[res].distance(feature_stats(self.clip, real, 256))
+            self.floors[res] = self.real_stats[res].distance(feature_stats(self.clip, real, 256))
+        out = {res: self.floors[res] for res in sorted(self.judged)}
+        self.judged.clear()
         return out
 
     @staticmethod

@@ -23,7 +23,7 @@ from t2i.cli.train import train
 from t2i.conditioning.lowres import downsample
 from t2i.eval.ldm_report import real_images
 from t2i.eval.shapes import score
-from t2i.eval.unclip_report import _psnr
+from t2i.eval.unclip_report import psnr_of_batch
 from t2i.pipelines.cascade import CascadePipeline
 from t2i.pipelines.ldm import LatentDiffusionPipeline
 
@@ -167,8 +167,8 @@ def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
                                      noise_level=level).cpu() for i in range(0, len(low), ctx.batch_size)])
             gen, on_real = run(small, ctx.prompts), run(real_low, captions)
             s, r = score(gen, ctx.prompts), score(on_real, captions)
-            row = {"all": s["all"], "fid": ctx.fid(gen), "psnr_input": _psnr(downsample(gen, up.low_res), small),
-                   "real_all": r["all"], "real_psnr": _psnr(on_real, real)}
+            row = {"all": s["all"], "fid": ctx.fid(gen), "psnr_input": psnr_of_batch(downsample(gen, up.low_res), small),
+                   "real_all": r["all"], "real_psnr": psnr_of_batch(on_real, real)}
             results[(name, level)] = row
             claim.rows.append([name, f"{level:g}", f"{100 * row['all']:.1f}%", f"{row['fid']:.4f}",
                                f"{row['psnr_input']:.1f} dB", f"{100 * row['real_all']:.1f}%",

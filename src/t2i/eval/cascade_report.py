@@ -25,7 +25,7 @@ from t2i.conditioning.lowres import downsample
 from t2i.data.shapes import caption, random_specs
 from t2i.eval.ldm_report import real_images
 from t2i.eval.shapes import ATTRIBUTES, compare, judge_all, score, score_specs
-from t2i.eval.unclip_report import HELDOUT_SEED, _psnr, _row
+from t2i.eval.unclip_report import HELDOUT_SEED, _row, psnr_of_batch
 from t2i.images import grid, save_png
 from t2i.pipelines.cascade import CascadePipeline
 
@@ -133,9 +133,9 @@ def _sr_noise_table(pipe: CascadePipeline, small: torch.Tensor, prompts: list[st
         gen = run(small, prompts)
         on_real = run(real_low, captions)
         table[f"level{level:g}"] = {
-            "base_outputs": {**score_specs(gen, specs), "psnr_to_input_db": _psnr(downsample(gen, up.low_res), small)},
-            "real_low_res": {**score(on_real, captions), "psnr_to_original_db": _psnr(on_real, real),
-                             "psnr_to_input_db": _psnr(downsample(on_real, up.low_res), real_low)}}
+            "base_outputs": {**score_specs(gen, specs), "psnr_to_input_db": psnr_of_batch(downsample(gen, up.low_res), small)},
+            "real_low_res": {**score(on_real, captions), "psnr_to_original_db": psnr_of_batch(on_real, real),
+                             "psnr_to_input_db": psnr_of_batch(downsample(on_real, up.low_res), real_low)}}
     table["trained_level"] = trained_level
     return table
 

@@ -38,7 +38,9 @@ def _row(name: str, s: dict) -> str:
     return f"| {name} | {s['n']} | " + " | ".join(f"{100 * s[a]:.1f}%" for a in (*ATTRIBUTES, "all")) + " |"
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+def psnr_of_batch(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of the whole batch's mean squared error, for [-1, 1] images (one figure per table row; the
+    per-image PSNR of the VAE's validation is ``t2i.losses.autoencoder.psnr``)."""
     mse = ((a.float() - b.float()) / 2).pow(2).mean().clamp_min(1e-12)
     return float(10 * torch.log10(1 / mse))
 
@@ -84,7 +86,7 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
         real, captions = real_images(val_manifest, res, num_real)
         real = real.float() / 127.5 - 1
         real_up = up(downsample(real, pipe.upsampler.low_res))
-        results["upsampler_on_real_low_res"] = {**score(real_up, captions), "psnr_db": _psnr(real_up, real)}
+        results["upsampler_on_real_low_res"] = {**score(real_up, captions), "psnr_db": psnr_of_batch(real_up, real)}
         results["oracle_on_real_validation"] = score(real, captions)
     else:
         final = small_prior
