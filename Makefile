@@ -10,7 +10,7 @@ RECIPE ?= recipes/ldm.yaml
 PROMPT ?= a large red circle in the top left on a white background
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train-vae train-ldm train-unclip train-imagen train-glide generate test test-slow lint bench config-docs clean
+.PHONY: help install data train-vae train-ldm train-unclip train-imagen train-glide generate test test-slow lint bench claims config-docs clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ lint: $(STAMP)  ## ruff
 
 bench: data  ## data-throughput and VAE-throughput benchmarks (prints figures)
 	$(PY) benchmarks/data_throughput.py
+
+claims: $(STAMP)  ## the papers' claims in miniature -> docs/claims.md (after train-ldm, train-imagen and train-unclip; ARGS="--only cfg --merge")
+	$(PY) benchmarks/claims.py $(ARGS)
 
 config-docs: $(STAMP)  ## regenerate docs/configuration.md from configs/ (ARGS=--check: fail if it is stale)
 	$(PY) -m t2i.cli.config_reference $(ARGS)

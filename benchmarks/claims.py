@@ -59,7 +59,7 @@ def markdown(claims: list[dict], prompts: int) -> str:
               f"{prompts} held-out prompts judged by the shapes oracle (`t2i.eval.shapes`); domain FID = Fréchet "
               "distance of the tiny CLIP export's L2-normalised image embeddings against 2,000 real validation "
               "images (comparable within one claim only, never with the papers' Inception FIDs: see "
-              "[metrics](metrics.md)). Regenerate with `python benchmarks/claims.py` after the three recipes "
+              "[metrics](metrics.md)). Regenerate with `make claims` (`benchmarks/claims.py`) after the three recipes "
               "(`make train-ldm train-imagen train-unclip`)."), "",
              "| claim | verdict |", "|---|---|"]
     lines += [f"| [{c['title']}](#{c['key']}) | {c['verdict'].split(':', 1)[0]} |" for c in claims]
