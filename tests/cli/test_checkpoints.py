@@ -18,7 +18,8 @@ import pytest
 import torch
 from t2i_testing import REPO, load_checkpoint, tiny_overrides
 
-from t2i.checkpointing import AtomicCheckpointIO, CheckpointError, checkpoint_problem
+from t2i.checkpoint_files import checkpoint_problem
+from t2i.checkpointing import AtomicCheckpointIO, CheckpointError
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from t2i_testing import REPO, tiny_ldm_overrides
 
+from t2i.checkpoint_files import checkpoint_problem
 from t2i.cli.config import compose_config
 from t2i.cli.export import checkpoint_state
 from t2i.cli.train import train
@@ -63,7 +64,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
     moved = max((ref[k] - ref["net." + k.removeprefix("ema.module.")]).abs().max().item()
                 for k in ref if k.startswith("ema.module.") and ref[k].is_floating_point())
     assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".prev"))]
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
     assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"
 
 
@@ -136,6 +137,9 @@ def test_zero3_resume_continues_exactly(small_shapes, tiny_vae_export, plain_run
                                                                    "export=false"))
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr, "the second run did not resume"
     assert_same_training(run, plain_run)
+    # the step-2 directory the second run resumed from is kept whole beside the step-4 one
+    previous = run / "checkpoints" / "last.ckpt.prev"
+    assert checkpoint_problem(previous) is None and checkpoint_state(previous)[1] == 2
 
 
 @pytest.mark.slow

@@ -31,8 +31,9 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from t2i.checkpointing import CheckpointError, check_stage_tag, checkpoint_problem
-from t2i.distributed.deepspeed import is_zero_checkpoint, zero_checkpoint_state_dict, zero_client_state
+from t2i.checkpoint_files import checkpoint_problem, is_zero_checkpoint
+from t2i.checkpointing import CheckpointError, check_stage_tag
+from t2i.distributed.deepspeed import zero_checkpoint_state_dict, zero_client_state
 from t2i.exports import write_export
 
 log = logging.getLogger("t2i.export")

@@ -3,8 +3,9 @@ checkpoint directory into one flat state dict (what `t2i.cli.export` and exports
 
 A ZeRO checkpoint is a directory (one shard file per rank for stage 3). Lightning's `DeepSpeedStrategy` writes
 it in place, so a crash while saving leaves a half-written ``last.ckpt/``. Here every rank writes into
-``<path>.tmp/``; after a barrier rank 0 swaps it in (previous one renamed to ``<path>.prev`` first, removed once
-the new one is in place): ``last.ckpt`` is always either the old or the new complete checkpoint.
+``<path>.tmp/``; after a barrier rank 0 fsyncs it and puts it in place, the previous one becoming
+``<path>.prev/`` (`t2i.checkpoint_files.replace_keeping_previous`): ``last.ckpt`` or ``last.ckpt.prev`` is a
+complete checkpoint at every instant, and a resume takes ``.prev`` when ``last.ckpt`` is damaged.
 
 DeepSpeed is imported lazily: exports, pipelines and CPU training never need it.
 """
@@ -21,6 +22,14 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from t2i.checkpoint_files import (
+    fsync_tree,
+    is_zero_checkpoint,
+    looks_complete,
+    previous_path,
+    replace_keeping_previous,
+)
 
 log = logging.getLogger("t2i.deepspeed")
 
@@ -123,12 +132,15 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("t2i-zero-save-written")
         if self.is_global_zero:
-            swap_in(tmp, filepath)
+            fsync_tree(tmp)  # every rank's files, before the folder takes the checkpoint's name
+            # a damaged `filepath` (the run resumed from .prev) must not replace the one intact version in .prev
+            replace_keeping_previous(tmp, filepath, keep_target=looks_complete(filepath))
         self.barrier("t2i-zero-save-done")
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
             shutil.rmtree(filepath, ignore_errors=True)
+            shutil.rmtree(previous_path(Path(filepath)), ignore_errors=True)
 
 
 def register_external_parameters(model: torch.nn.Module) -> int:
@@ -186,29 +198,6 @@ def _broadcastable_scalar_parameters():
         yield
     finally:
         DeepSpeedEngine._broadcast_model, Init._zero_init_param = original_broadcast_model, original_zero_init_param
-
-
-def swap_in(new: Path, target: Path) -> None:
-    """Replace `target` (file or directory) with `new` so that one complete version exists at every instant:
-    the old one is renamed to ``.prev`` before the new one takes its name."""
-    prev = target.with_name(target.name + ".prev")
-    if target.exists():
-        if prev.is_dir():
-            shutil.rmtree(prev)
-        elif prev.exists():
-            prev.unlink()
-        os.replace(target, prev)
-    os.replace(new, target)
-    if prev.is_dir():
-        shutil.rmtree(prev)
-    elif prev.exists():
-        prev.unlink()
-
-
-def is_zero_checkpoint(path: str | Path) -> bool:
-    """A DeepSpeed checkpoint directory (as Lightning writes it: ``latest`` + a tag folder)."""
-    path = Path(path)
-    return path.is_dir() and (path / "latest").is_file()
 
 
 def zero_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
