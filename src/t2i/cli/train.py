@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import yaml
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,11 +26,11 @@ from t2i.callbacks.final_checkpoint import FinalCheckpoint
 from t2i.callbacks.preemption import Preempted, PreemptionCheckpoint
 from t2i.callbacks.rng_state import RngStateCallback
 from t2i.callbacks.stage_tag import StageTag
+from t2i.checkpoint_files import checkpoint_problem
 from t2i.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     check_stage_tag,
-    checkpoint_problem,
     choose_resume_checkpoint,
 )
 from t2i.cli.batch import apply_global_batch
@@ -81,6 +82,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks += [RngStateCallback(cfg.seed), StageTag(), FinalCheckpoint(last)]
     if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
         callbacks.append(PreemptionCheckpoint(str(last)))
+    if cfg.trainer.get("enable_progress_bar", True) is not False and \
+            not any(isinstance(c, ProgressBar) for c in callbacks):
+        # Lightning picks its rich bar whenever `rich` happens to be installed (another package may bring it);
+        # the tqdm bar reads the same in a terminal and in a cluster job's log file
+        callbacks.append(TQDMProgressBar())
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None] or False
     plugins = [] if is_deepspeed(cfg.strategy) else [AtomicCheckpointIO()]  # DeepSpeed swaps its directories
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins,
