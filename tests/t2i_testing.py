@@ -211,6 +211,20 @@ class RecordStartStep(L.Callback):
         self.path.write_text(str(trainer.global_step))
 
 
+class PoisonGradients(L.Callback):
+    """``+callbacks.poison._target_=t2i_testing.PoisonGradients +callbacks.poison.steps=[1]``: one NaN in the first
+    trainable parameter's gradient after the backward of those global steps (what a bad batch or an fp16
+    overflow does), for the non-finite guard to find."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step in self.steps:
+            grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+
+
 # DeepSpeed ZeRO-3 on the CPU with every parameter sharded (global recipe overrides; needs DS_ACCELERATOR=cpu)
 ZERO3_CPU_OVERRIDES = ("strategy=deepspeed_stage_3", "strategy.pin_memory=false",
                        "+strategy.param_persistence_threshold=0", "trainer.precision=32-true")

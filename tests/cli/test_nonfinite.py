@@ -13,20 +13,22 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from t2i_testing import load_checkpoint, tiny_overrides
+from t2i_testing import load_checkpoint, tiny_ldm_overrides, tiny_overrides
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from t2i.callbacks.nonfinite import NonFiniteGradientsError, NonFiniteGuard
+from t2i.callbacks.nonfinite import NonFiniteGradientsError, NonFiniteGuard, SkippedStepsAware
 from t2i.checkpointing import AtomicCheckpointIO
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
+from t2i.stages.lr import warmup_constant
 
 
-class Regression(L.LightningModule):
-    def __init__(self):
+class Regression(SkippedStepsAware, L.LightningModule):
+    def __init__(self, warmup_steps: int = 0):
         super().__init__()
+        self.warmup_steps = warmup_steps
         self.lin = nn.Linear(4, 1)
         with torch.no_grad():
             self.lin.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, -0.4]]))
@@ -39,7 +41,11 @@ class Regression(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.05)
+        opt = torch.optim.Adam(self.parameters(), lr=0.05)
+        if not self.warmup_steps:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup_constant(opt, self.warmup_steps),
+                                                   "interval": "step"}}
 
 
 def make_batches(n: int, bad: dict[int, float] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -108,6 +114,34 @@ def test_a_bad_batch_is_skipped_counted_and_training_goes_on(value, tmp_path):
         logged = [(int(r["step"]), float(r["train/nonfinite_steps"])) for r in csv.DictReader(f)
                   if r.get("train/nonfinite_steps")]
     assert logged[0] == (2, 1.0) and {v for _, v in logged} == {1.0}
+
+
+def test_a_skipped_step_does_not_advance_the_lr_warm_up(tmp_path):
+    """With a warm-up schedule, the run with a bad batch ends bit-equal to the run without it: the skipped step
+    neither moved the weights nor took a step of the schedule."""
+    trainer, model, guard, _ = fit(make_batches(6, bad={2: math.nan}), tmp_path / "run",
+                                   model=Regression(warmup_steps=4))
+    ref_trainer, ref_model, _, _ = fit([b for i, b in enumerate(make_batches(6)) if i != 2], tmp_path / "ref",
+                                       model=Regression(warmup_steps=4))
+    assert guard.skipped == 1 and trainer.global_step == 6
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5
+    assert trainer.optimizers[0].param_groups[0]["lr"] == ref_trainer.optimizers[0].param_groups[0]["lr"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref_model.state_dict()[k]), k
+
+
+def test_a_skipped_step_leaves_a_diffusion_stage_ema_and_schedule_alone(small_shapes, tiny_vae_export, tmp_path):
+    """The tiny LDM (EMA with warm-up, warm-up LR schedule), 4 steps, step 1's gradients made NaN: 3 EMA updates
+    and 3 schedule steps (the global step still counts 4)."""
+    run = tmp_path / "run"
+    train(compose_config(tiny_ldm_overrides(
+        small_shapes, tiny_vae_export, run, "trainer.max_steps=4", "final_validation=false", "export=false",
+        "trainer.precision=32-true", "+callbacks.poison._target_=t2i_testing.PoisonGradients",
+        "+callbacks.poison.steps=[1]")))
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and last["callbacks"]["NonFiniteGuard"]["skipped"] == 1
+    assert int(last["state_dict"]["ema.num_updates"]) == 3
+    assert last["lr_schedulers"][0]["last_epoch"] == 3
 
 
 def test_the_count_survives_a_checkpoint_round_trip(tmp_path):

@@ -6,6 +6,11 @@ None: PyTorch optimizers then leave the parameters and their moments untouched. 
 non-finite gradients, so it is caught here too. The weights never take a non-finite update, so checkpoints
 stay good.
 
+A skipped step changes nothing that training carries forward: stages that mix in `SkippedStepsAware` do not
+advance their LR schedule on it, and the diffusion stage's EMA does not update (`optimizer_step_skipped`
+tells them). What it does change: the global step and the data position advance (the bad batch is consumed,
+and ``max_steps`` counts it), and the count of skipped steps goes up.
+
 Under DeepSpeed the gradients live in DeepSpeed's partitioned buffers, not in ``param.grad``; there the guard
 watches the loss instead (counted, and the run stops after K in a row), but cannot skip the update.
 """
@@ -38,6 +43,7 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0  # in the whole run (kept in checkpoints)
         self.consecutive = 0
         self.first_bad_step: int | None = None
+        self.step_skipped = False  # the optimizer step being taken now was skipped (read by the stages)
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, finite: bool, what: str) -> None:
         if finite:
@@ -62,6 +68,7 @@ class NonFiniteGuard(L.Callback):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = all_finite(grads)
+        self.step_skipped = not finite
         if not finite:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -83,6 +90,23 @@ class NonFiniteGuard(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
         self.first_bad_step = state["first_bad_step"]
+
+
+def optimizer_step_skipped(trainer: L.Trainer | None) -> bool:
+    """Whether a `NonFiniteGuard` skipped the optimizer step being taken (from its gradient check until the next
+    step's); False without a trainer or a guard."""
+    callbacks = getattr(trainer, "callbacks", None) or []
+    return any(c.step_skipped for c in callbacks if isinstance(c, NonFiniteGuard))
+
+
+class SkippedStepsAware:
+    """LightningModule mixin (put it before ``L.LightningModule``): the LR schedule does not advance on an
+    optimizer step that `NonFiniteGuard` skipped, so a warm-up or decay is not eaten by bad batches."""
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if optimizer_step_skipped(getattr(self, "_trainer", None)):
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
 
 def _is_deepspeed(trainer: L.Trainer) -> bool:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from t2i.callbacks.nonfinite import optimizer_step_skipped
 from t2i.images import log_grid
 from t2i.losses.autoencoder import (
     adaptive_weight,
@@ -88,7 +89,8 @@ class AutoencoderStage(L.LightningModule):
             self.log("train/d_loss", d_loss)
         scheds = self.lr_schedulers()
         for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
-            sched.step()
+            if not optimizer_step_skipped(self.trainer):
+                sched.step()
         self.log_dict({"train/loss": loss, "train/rec": nll, "train/kl": kl}, prog_bar=True)
         if self.grid_every_n_steps and self.global_step % self.grid_every_n_steps == 0:
             self._log_reconstructions(x, x_rec, "train/reconstructions")

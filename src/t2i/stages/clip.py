@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
+from t2i.callbacks.nonfinite import SkippedStepsAware
 from t2i.conditioning.clip import build_clip, clip_preprocess, clip_spec
 from t2i.conditioning.text import OpenClipTokenizer
 from t2i.eval.retrieval import retrieval_recall
@@ -30,7 +31,7 @@ def _no_weight_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-class ClipStage(L.LightningModule):
+class ClipStage(SkippedStepsAware, L.LightningModule):
     """Contrastive training (open_clip's `ClipLoss`, learned logit scale clamped to 100) of an open_clip
     model given by name (``arch``) or by a custom config dict (``clip_config``).
 

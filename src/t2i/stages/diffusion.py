@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from t2i.callbacks.nonfinite import SkippedStepsAware, optimizer_step_skipped
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
 from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
@@ -37,7 +38,7 @@ def _context_null_width(dropout: CondDropout) -> int | None:
     return int(null.shape[-1]) if isinstance(null, torch.Tensor) else None
 
 
-class DiffusionStage(L.LightningModule):
+class DiffusionStage(SkippedStepsAware, L.LightningModule):
     def __init__(self, denoiser: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
                  cond_dropout: CondDropout | None = None, first_stage_export: str | None = None,
                  latents_from: str = "image", image_size: int = 256, schedule: dict | None = None,
@@ -182,9 +183,10 @@ class DiffusionStage(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The EMA follows each optimizer step here, before any callback's ``on_train_batch_end`` (where periodic
-        checkpoints are written): a checkpoint at step N holds the EMA of step N."""
+        checkpoints are written): a checkpoint at step N holds the EMA of step N. A step that `NonFiniteGuard`
+        skipped changed no weight, and leaves the EMA (and its warm-up count) as it was."""
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        if self.ema is not None and not optimizer_step_skipped(self.trainer):
             self.ema.update(self.net)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

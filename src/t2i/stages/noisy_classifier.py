@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from t2i.callbacks.nonfinite import SkippedStepsAware
 from t2i.data.shapes import ShapeSpec, parse_caption
 from t2i.diffusion import make_schedule, q_sample, sample_timesteps
 from t2i.diffusion._random import randn
@@ -52,7 +53,7 @@ def caption_labels(captions: Sequence[str], labels: Mapping[str, Sequence[str]])
     return {head: torch.tensor(v, dtype=torch.long) for head, v in out.items()}
 
 
-class NoisyClassifierStage(L.LightningModule):
+class NoisyClassifierStage(SkippedStepsAware, L.LightningModule):
     """Cross-entropy training of a `NoisyImageClassifier` on noised pixel images (``batch["image"]`` in [-1, 1]).
 
     Args:
