@@ -19,6 +19,7 @@ import yaml
 from claims_common import Claim
 from omegaconf import OmegaConf
 
+from t2i.allowed_targets import check_run_config
 from t2i.cli.train import train
 from t2i.conditioning.lowres import downsample
 from t2i.eval.ldm_report import real_images
@@ -29,8 +30,12 @@ from t2i.pipelines.ldm import LatentDiffusionPipeline
 
 
 def export_config(export: str | Path) -> dict:
-    """The full resolved training config an export was written with."""
-    return yaml.safe_load((Path(export) / "config.yaml").read_text(encoding="utf-8"))
+    """The full resolved training config an export was written with, its ``_target_``s checked against
+    `t2i.allowed_targets` (the config is trained again: every node of it is instantiated)."""
+    path = Path(export) / "config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    check_run_config(config, path)
+    return config
 
 
 def _rebased(node, old: str, new: str):

@@ -5,16 +5,16 @@ A folder holding ``model.safetensors`` (the weights that inference uses: EMA wei
 config, the parents' hashes). Reading one never unpickles anything and never imports Lightning.
 
 An export may come from anywhere, and pipelines build networks from the Hydra ``_target_``s of its
-config: `check_export_targets` refuses, before anything is imported or called, any target outside
-``t2i.`` and ``torch.`` and any ``${...}`` interpolation (a resolver could create a node the check never
-saw). `read_export` runs it on the config's ``model`` section, the part that pipelines build.
+config: `check_export_targets` refuses, before anything is imported or called, any target that is not on
+the explicit list of `t2i.allowed_targets.MODEL_TARGETS` and any ``${...}`` interpolation (a resolver could
+create a node the check never saw). `read_export` runs it on the config's ``model`` section, the part that
+pipelines build.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from t2i.allowed_targets import MODEL_TARGETS, TargetError, check_targets
+
 FORMAT = "t2i-export/1"
 WEIGHTS, CONFIG, STAGE = "model.safetensors", "config.yaml", "stage.json"
 
@@ -33,40 +35,15 @@ class ExportError(RuntimeError):
     """A missing, incomplete or incompatible stage export."""
 
 
-ALLOWED_TARGET_PREFIXES = ("t2i.", "torch.")
-# a dotted path of public names: no interpolation, no spaces, no `_private` or `__dunder__` hops
-_TARGET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)+")
-
-
 def check_export_targets(config: Any, source: str | Path, path: str = "") -> list[tuple[str, str]]:
     """Raise `ExportError` (naming the key path, the target and `source`) when `config` names a ``_target_``
-    outside ``t2i.``/``torch.`` anywhere - nested, in lists, ``_partial_`` or not - or holds a ``${...}``
+    outside `MODEL_TARGETS` anywhere - nested, in lists, ``_partial_`` or not - or holds a ``${...}``
     interpolation; else return every (key path, target) it names. Imports nothing, calls nothing: run it
     before any part of `config` is instantiated. ``path``: where `config` sits in the file (for messages)."""
-    found: list[tuple[str, str]] = []
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                where = f"{path}.{key}" if path else str(key)
-                if key == "_target_":
-                    name = value if isinstance(value, str) else repr(value)
-                    if not (isinstance(value, str) and _TARGET_NAME.fullmatch(value)
-                            and value.startswith(ALLOWED_TARGET_PREFIXES)):
-                        raise ExportError(f"{source}: refusing to build {where}={name!r}: a stage export may only "
-                                          f"name {' or '.join(ALLOWED_TARGET_PREFIXES)} classes and functions "
-                                          f"(is this export from a source you trust?)")
-                    found.append((where, value))
-                walk(value, where)
-        elif isinstance(node, (list, tuple)):
-            for i, value in enumerate(node):
-                walk(value, f"{path}[{i}]")
-        elif isinstance(node, str) and "${" in node:
-            raise ExportError(f"{source}: refusing {path}={node!r}: a stage export holds a resolved config, "
-                              f"without ${{...}} interpolations (one could create a target no check saw)")
-
-    walk(config, path)
-    return found
+    try:
+        return check_targets(config, source, MODEL_TARGETS, path)
+    except TargetError as e:
+        raise ExportError(str(e)) from None
 
 
 @dataclass

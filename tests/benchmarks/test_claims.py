@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
+import yaml
 from t2i_testing import (
     REPO,
     base_overrides,
@@ -16,6 +18,8 @@ from t2i_testing import (
     prior_overrides,
     sr_overrides,
 )
+
+from t2i.allowed_targets import TargetError
 
 
 def _claims():
@@ -61,6 +65,21 @@ def test_retrain_config_moves_every_path_and_applies_changes(tiny_ldm_export, tm
     assert cfg["model"]["sample_prompts"] == [] and cfg["final_validation"] is False
     # the export's other settings are kept (the test fixture's narrow UNet, not the tiny/ldm default)
     assert cfg["model"]["denoiser"]["model_channels"] == 16
+
+
+def test_retraining_checks_every_target_of_the_export_config(tiny_ldm_export, tmp_path):
+    """The claims retrain an export's whole config (trainer, callbacks, data, model): each ``_target_`` is checked
+    against t2i.allowed_targets first, so a tampered one runs nothing."""
+    training = _module("claims_training")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_ldm_export, evil)
+    config = yaml.safe_load((evil / "config.yaml").read_text())
+    config["callbacks"]["writer"] = {"_target_": "torch.utils.tensorboard.SummaryWriter", "log_dir": str(marker)}
+    (evil / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(TargetError, match=r"callbacks\.writer\._target_='torch\.utils\.tensorboard"):
+        training.retrain_config(evil, tmp_path / "again")
+    assert not marker.exists()
 
 
 def test_latent_pixel_trains_both_for_the_same_wall_time(tiny_ldm_export, tiny_clip_export, small_shapes, tmp_path,

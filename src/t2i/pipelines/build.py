@@ -1,64 +1,44 @@
 """Rebuild networks from an export's config, safely: an export may come from anywhere, so every
 ``_target_`` of a node is checked before the node is instantiated.
 
-`t2i.exports.check_export_targets` refuses names outside ``t2i.``/``torch.`` without importing anything;
-`resolve_export_target` then follows each name (importing only t2i and torch modules) and refuses one
-that leaves them on the way (``torch.os.system`` is ``os.system``) or lands outside what a stage
-export is made of: t2i's networks, conditioning, diffusion, losses and stages, and torch classes
-(``torch.save`` or ``torch.load`` are functions: a config could overwrite a file or unpickle one)."""
+`t2i.exports.check_export_targets` refuses every name that is not on the explicit list of
+`t2i.allowed_targets.MODEL_TARGETS` without importing anything; `resolve_export_target` then imports what a
+listed name stands for, checking that it is a class or function."""
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 
+from t2i.allowed_targets import MODEL_TARGETS
 from t2i.exports import Export, ExportError, check_export_targets
-
-T2I_TARGET_PACKAGES = ("t2i.nn", "t2i.conditioning", "t2i.diffusion", "t2i.losses", "t2i.stages")
-
-
-def _home(obj: Any) -> str:
-    """The module that defines `obj` (a module's own name)."""
-    return obj.__name__ if inspect.ismodule(obj) else str(getattr(obj, "__module__", None) or "?")
-
-
-def _within(module: str, packages: tuple[str, ...]) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in packages)
 
 
 def resolve_export_target(name: str, where: str) -> Any:
-    """The object that the ``_target_`` `name` (already passed by `check_export_targets`) stands for, or an
-    `ExportError` naming `where` when it is not something a stage export may build."""
+    """The class or function that the ``_target_`` `name` stands for, or an `ExportError` naming `where` when
+    it is not on `MODEL_TARGETS` or cannot be found."""
+    if name not in MODEL_TARGETS:
+        raise ExportError(f"{where}: refusing to build {name!r}: not one of the classes and functions a stage "
+                          f"export may name (t2i.allowed_targets.MODEL_TARGETS)")
     parts = name.split(".")
-
-    def refuse(why: str) -> ExportError:
-        return ExportError(f"{where}: refusing to build {name!r}: {why}; a stage export may only name "
-                           f"torch classes and the classes and functions of {', '.join(T2I_TARGET_PACKAGES)}")
-
-    try:
-        obj = importlib.import_module(parts[0])
-        for i in range(1, len(parts)):
-            try:
-                obj = getattr(obj, parts[i])
-            except AttributeError:  # a submodule not imported yet (the name is inside t2i or torch)
-                obj = importlib.import_module(".".join(parts[: i + 1]))
-            if not _within(_home(obj), ("t2i", "torch")):
-                raise refuse(f"{'.'.join(parts[: i + 1])} is {_home(obj)}'s, not t2i's or torch's")
-    except ImportError as e:
-        raise ExportError(f"{where}: cannot find {name!r} ({e}); was the export written by another t2i "
-                          f"version?") from None
-    home = _home(obj)
-    if inspect.ismodule(obj) or not callable(obj):
-        raise refuse("it is not a class or function")
-    if _within(home, ("torch",)) and not inspect.isclass(obj):
-        raise refuse(f"it is a torch function ({home})")
-    if _within(home, ("t2i",)) and not _within(home, T2I_TARGET_PACKAGES):
-        raise refuse(f"it is defined in {home}")
-    return obj
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[split:]:
+                obj = getattr(obj, part)
+        except AttributeError:
+            break
+        if callable(obj):
+            return obj
+        break
+    raise ExportError(f"{where}: cannot find {name!r}; was the export written by another t2i version (or with a "
+                      f"package that is not installed here)?")
 
 
 def build_from_config(node: dict, source: Any, path: str) -> Any:
