@@ -4,9 +4,14 @@
     python data_prep/make_manifest.py 'data/laion/0*.tar' --trust-stats
 
 Samples are counted from the tar headers; with --trust-stats the "successes" of the
-``<shard>_stats.json`` beside a shard is used where present (much faster on remote-mounted data).
-Shards holding no samples are left out. The manifest goes into the folder (or, for a glob, the
-common folder of the matches) unless --out says otherwise.
+``<shard>_stats.json`` beside a shard is used where present (much faster on remote-mounted data, but
+such a shard is not checked for damage). Shards holding no samples are left out. The manifest goes into
+the folder (or, for a glob, the common folder of the matches) unless --out says otherwise.
+
+A damaged shard (truncated or corrupt: a cut download, a full disk) does not stop the script: it is
+reported with its problem, listed with only the samples the loader can read whole (a shard with none
+is left out), and recorded in the manifest's ``"damaged"`` list as {url, readable, problem}. With
+--strict any damaged shard is an error instead and no manifest is written.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import argparse
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 
-from t2i.data.manifest import DataError, ShardInfo, count_samples, write_manifest
+from t2i.data.manifest import DataError, ShardInfo, scan_shard, stored_url, write_manifest
 
 
 def find_shards(target: str) -> tuple[list[Path], Path]:
@@ -46,28 +52,50 @@ def stats_successes(tar: Path) -> int | None:
     return n if isinstance(n, int) and n >= 0 else None
 
 
-def make_manifest(target: str | Path, trust_stats: bool = False, out: str | Path | None = None) -> Path:
-    """Count the shards' samples and write `manifest.json`; returns its path."""
+def report_damaged(damaged: list[dict]) -> None:
+    """One line per damaged shard on stderr: what the manifest keeps of it and why the rest is lost."""
+    for d in damaged:
+        kept = f"{d['readable']} readable sample(s) kept" if d["readable"] else "left out, no readable sample"
+        print(f"damaged shard {d['url']}: {kept}; {d['problem']}", file=sys.stderr)
+
+
+def make_manifest(target: str | Path, trust_stats: bool = False, out: str | Path | None = None,
+                  strict: bool = False) -> Path:
+    """Count the shards' samples and write `manifest.json`; returns its path. A damaged shard keeps only
+    its readable samples and is listed under the manifest's "damaged" (SystemExit instead if `strict`)."""
     tars, folder = find_shards(str(target))
     folder = Path(out) if out else folder
-    shards, by_stats, empty = [], 0, []
+    shards, by_stats, empty, damaged = [], 0, [], []
     for tar in tars:
-        n = stats_successes(tar) if trust_stats else None
+        n, problem = (stats_successes(tar) if trust_stats else None), None
         if n is None:
-            n = count_samples(tar)
+            n, problem = scan_shard(tar)
+            if problem is not None:
+                damaged.append({"url": stored_url(str(tar), folder), "readable": n, "problem": problem})
         else:
             by_stats += 1
         if n == 0:
-            empty.append(tar.name)
+            if problem is None:
+                empty.append(tar.name)
             continue
         shards.append(ShardInfo(str(tar), n))
+    report_damaged(damaged)
+    if damaged and strict:
+        names = ", ".join(d["url"] for d in damaged[:10]) + (" ..." if len(damaged) > 10 else "")
+        raise SystemExit(f"error: {len(damaged)} damaged shard(s) (--strict; no manifest written): {names}")
     if not shards:
-        raise SystemExit(f"all {len(tars)} shard(s) for {str(target)!r} are empty")
+        raise SystemExit(f"all {len(tars)} shard(s) for {str(target)!r} are empty or unreadable")
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_manifest(folder, shards, counted_by={"stats": by_stats, "tar": len(tars) - by_stats})
+    meta = {"counted_by": {"stats": by_stats, "tar": len(tars) - by_stats}}
+    if damaged:
+        meta["damaged"] = damaged
+    path = write_manifest(folder, shards, **meta)
     total = sum(s.num_samples for s in shards)
     print(f"{path}: {len(shards)} shard(s), {total} samples "
           f"({by_stats} counted from _stats.json, {len(tars) - by_stats} from tar headers)")
+    if damaged:
+        print(f"{len(damaged)} damaged shard(s) kept with their readable samples only "
+              f"(listed under \"damaged\" in {path})")
     if empty:
         print(f"left out {len(empty)} empty shard(s): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     return path
@@ -78,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("target", help="folder of .tar shards, or a glob (quote it)")
     ap.add_argument("--trust-stats", action="store_true", help="use <shard>_stats.json 'successes' if present")
     ap.add_argument("--out", help="folder to write manifest.json into (default: the shards' folder)")
+    ap.add_argument("--strict", action="store_true", help="fail on any damaged shard instead of keeping its "
+                                                          "readable samples")
     a = ap.parse_args(argv)
     try:
-        make_manifest(a.target, trust_stats=a.trust_stats, out=a.out)
+        make_manifest(a.target, trust_stats=a.trust_stats, out=a.out, strict=a.strict)
     except DataError as e:
         raise SystemExit(f"error: {e}") from e
 

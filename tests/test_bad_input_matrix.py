@@ -6,16 +6,22 @@ counted with its reason, and nothing is lost: the user's shards, checkpoints and
 | truncated tar: cut mid-archive, two shards            | data/test_bad_samples.py::test_truncated_tar_counts_every_lost_sample |
 | truncated tar: empty file, cut in the first header,   | test_unreadable_shard_counts_every_sample (here)          |
 |   not a tar at all                                    |                                                           |
+| make_manifest on a shard cut mid-member or inside a   | data/test_data_prep.py::                                  |
+|   header (reported, readable part listed; --strict    |   test_make_manifest_keeps_the_readable_part_of_a_damaged_shard[...], |
+|   fails), or with no readable sample (left out)       |   ::test_make_manifest_leaves_out_a_shard_with_no_readable_sample |
 | shard shorter than its manifest                       | data/test_bad_samples.py::test_shard_shorter_than_manifest_is_counted |
 | missing shard, empty / missing / invalid manifest     | data/test_bad_samples.py::test_missing_shard_is_an_error_before_training, ::test_empty_shard_list_and_missing_manifest |
 | mostly-bad data (skip rate above max_skip_fraction)   | data/test_bad_samples.py::test_skip_rate_above_limit_stops_naming_the_shard |
 | corrupt / truncated / zero-byte image, no image,      | test_bad_sample_is_skipped_and_counted[...] and           |
 |   missing / empty / blank / non-UTF-8 caption,        |   test_every_bad_kind_in_one_shard (here)                 |
+|   caption of only NUL / control characters,           |                                                           |
 |   image above max_pixels, decompression bomb,         |                                                           |
 |   latent.npy / clip_txt.npy of another shape,         |                                                           |
 |   pickled .npy, missing derived key                   |                                                           |
-| caption from json: non-UTF-8, not a string, missing;  | test_caption_variants (here)                              |
-|   caption_required=false keeps empty captions only    |                                                           |
+| caption from json: non-UTF-8, not a string, missing,  | test_caption_variants (here)                              |
+|   only control characters; control characters inside |                                                           |
+|   a caption removed; caption_required=false keeps     |                                                           |
+|   empty (and control-only, as "") captions only       |                                                           |
 | non-UTF-8 caption when converting a folder            | test_folder_to_shards_non_utf8_captions (here)            |
 | latent.npy of another VAE without data.array_shapes   | test_latents_of_another_vae_are_refused (here)            |
 | precomputed text states of another width              | stages/test_imagen_stages.py::test_precomputed_text_equals_the_frozen_encoder ("another text encoder") |
@@ -114,6 +120,9 @@ BAD_SAMPLES = {  # case -> (fields changed in a good sample, the reason it is co
     "empty caption": ({"txt": b""}, "missing or empty caption"),
     "blank caption": ({"txt": b" \n\t "}, "missing or empty caption"),
     "non-UTF-8 caption": ({"txt": b"\xff\xfe caption \xfa"}, "caption is not valid UTF-8"),
+    "NUL-only caption": ({"txt": b"\x00\x00\x00"}, "caption holds only control characters"),
+    "control-character caption": ({"txt": b" \x00\x1b\x7f\n\x07\xc2\x85\xc2\x9f"},
+                                  "caption holds only control characters"),
     "image above max_pixels": ({"png": header_only_png(5000, 5000)}, "image exceeds max_pixels"),
     "decompression bomb": ({"png": header_only_png(100_000, 100_000)}, "image exceeds PIL's decompression-bomb limit"),
     "latent.npy of another shape": ({"latent_npy": npy(np.zeros((3, 2), np.float32))},
@@ -173,23 +182,27 @@ def test_every_bad_kind_in_one_shard(tmp_path):
 
 
 def test_caption_variants(tmp_path):
-    """Captions from a json field are checked the same way; with caption_required=false an empty caption is
-    kept (unconditional training) but a non-UTF-8 one is still skipped."""
+    """Captions from a json field are checked the same way; control characters inside a caption are removed;
+    with caption_required=false an empty (or control-only) caption is kept as "" (unconditional training) but
+    a non-UTF-8 one is still skipped."""
     def js(value) -> bytes:
         return json.dumps({"caption": value}).encode() if not isinstance(value, bytes) else value
 
     samples = [sample("ok", json=js("a caption")), sample("latin1", json=b'{"caption": "caf\xe9"}'),
                sample("number", json=js(3)), sample("nojson"), sample("nokey", json=b"{}"),
-               sample("empty", json=js(""))]
+               sample("empty", json=js("")), sample("nul", json=js("\x00")),
+               sample("inner", json=js("a\x00 red\tcat\x1b"))]
     batches, stats = one_epoch(shard_of(tmp_path / "j", samples), batch_size=1, caption_field="json:caption")
-    assert [k for b in batches for k in b["key"]] == ["ok"]
+    assert {k: c for b in batches for k, c in zip(b["key"], b["caption"])} == {
+        "ok": "a caption", "inner": "a red\tcat"}
     assert stats.by_reason == {"unreadable json": 1, "json field 'caption' is not a string": 1,
-                               "missing or empty caption": 3}
+                               "missing or empty caption": 3, "caption holds only control characters": 1}
 
-    samples = [sample("ok"), sample("empty", txt=b""), sample("missing", txt=None), sample("bad", txt=b"\xff")]
+    samples = [sample("ok"), sample("empty", txt=b""), sample("missing", txt=None), sample("bad", txt=b"\xff"),
+               sample("nul", txt=b"\x00\x00"), sample("inner", txt=b"\x00a\x07 cat\x00")]
     batches, stats = one_epoch(shard_of(tmp_path / "t", samples), batch_size=1, caption_required=False)
     assert {k: c for b in batches for k, c in zip(b["key"], b["caption"])} == {
-        "ok": "caption of ok", "empty": "", "missing": ""}
+        "ok": "caption of ok", "empty": "", "missing": "", "nul": "", "inner": "a cat"}
     assert stats.by_reason == {"caption is not valid UTF-8": 1}
 
 

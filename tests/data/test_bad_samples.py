@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from t2i_testing import png_bytes, write_tar
 
 from t2i.data.datamodule import ShardDataModule
@@ -89,18 +90,56 @@ def test_too_few_samples_for_one_global_batch(tmp_path, shard_set):
         ShardDataModule(str(manifest), batch_size=4, num_workers=0, resolution=8).train_dataloader(0, 1)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
-def test_image_modes_become_rgb(tmp_path, mode):
+def on_white(color, alpha):
+    """A colour with straight alpha (0-255) composited on white, per channel, as uint8."""
+    a = np.asarray(alpha, dtype=np.float64)[..., None] / 255.0
+    return np.rint(a * np.asarray(color, dtype=np.float64) + (1.0 - a) * 255.0).astype(np.uint8)
+
+
+def image_in_mode(mode):
+    """(8x8 PIL image in `mode`, the RGB pixels it must decode to, tolerance), expected values worked out
+    here from the pixel data rather than by PIL's own conversion."""
     from PIL import Image
-    buf = io.BytesIO()
+    rows = np.arange(8, dtype=np.uint8)[:, None].repeat(8, 1)  # the pixel's row, 0..7
+    if mode == "L":
+        gray = (rows * 31 + np.arange(8, dtype=np.uint8)[None, :] * 3).astype(np.uint8)
+        return Image.fromarray(gray, "L"), np.repeat(gray[..., None], 3, axis=2), 0
+    if mode == "RGBA":
+        color = np.zeros((8, 8, 3), np.uint8) + np.array([200, 40, 100], np.uint8)
+        alpha = np.choose(rows % 4, [255, 128, 64, 0]).astype(np.uint8)  # opaque, half, quarter, transparent
+        img = Image.fromarray(np.dstack([color, alpha]), "RGBA")
+        return img, on_white(color, alpha), 1
+    palette = [(10, 200, 30), (250, 0, 7), (1, 2, 3), (90, 90, 255)]
+    index = (rows % 4).astype(np.uint8)
+    img = Image.fromarray(index, "P")
+    img.putpalette([c for rgb in palette for c in rgb])
+    expected = np.asarray(palette, np.uint8)[index]
+    if mode == "P+transparency":
+        img.info["transparency"] = 2  # index 2 (1, 2, 3) fully transparent: white
+        expected[index == 2] = 255
+    return img, expected, 0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "P+transparency", "I;16"])
+def test_image_modes_become_rgb(tmp_path, mode):
+    """Each PNG mode decodes to the right RGB pixels: gray replicated, alpha and transparent palette
+    entries composited on white, palette colours exact, 16-bit scaled to 8."""
+    from PIL import Image
     if mode == "I;16":
-        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(buf, format="PNG")
+        values = np.array([0, 1000, 40000, 65535], np.uint16)[np.arange(8) % 4][:, None].repeat(8, 1)
+        img = Image.fromarray(values)
+        expected = np.rint(values / 65535 * 255).astype(np.uint8)[..., None].repeat(3, 2)
+        tolerance = 0
     else:
-        Image.new("RGB", (8, 8), (10, 200, 30)).convert(mode).save(buf, format="PNG")
-    write_tar(tmp_path / "a.tar", [("k1", {"png": buf.getvalue(), "txt": b"x"})] * 1)
+        img, expected, tolerance = image_in_mode(mode)
+    buf = io.BytesIO()
+    extra = {"transparency": img.info["transparency"]} if "transparency" in img.info else {}
+    img.save(buf, format="PNG", **extra)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode.split("+")[0]
+    write_tar(tmp_path / "a.tar", [("k1", {"png": buf.getvalue(), "txt": b"x"})])
     manifest = write_manifest(tmp_path, [ShardInfo(str(tmp_path / "a.tar"), 1)])
     dm = ShardDataModule(str(manifest), batch_size=1, num_workers=0, resolution=8)
     batch = next(iter(dm.train_dataloader(0, 1)))
-    assert batch["image"].shape == (1, 3, 8, 8) and batch["image"].dtype.is_floating_point is False
-    if mode == "I;16":
-        assert abs(int(batch["image"][0, 0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+    assert batch["image"].shape == (1, 3, 8, 8) and batch["image"].dtype == torch.uint8
+    got = batch["image"][0].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= tolerance, (got[:, 0], expected[:, 0])

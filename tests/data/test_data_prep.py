@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from t2i_testing import make_shard_set
 
-from t2i.data.manifest import count_samples, load_manifest
+from t2i.data.datamodule import ShardDataModule
+from t2i.data.manifest import DataError, ShardInfo, count_samples, load_manifest, write_manifest
 from t2i.data.shapes import ShapeSpec, parse_caption, render
 
 DATA_PREP = Path(__file__).resolve().parents[2] / "data_prep"
@@ -227,6 +229,73 @@ def test_make_manifest_trust_stats_and_glob(img2dataset_dir):
     raw = json.loads((img2dataset_dir / "manifest.json").read_text())
     assert [s["num_samples"] for s in raw["shards"]] == [7, 2] and raw["total"] == 9
     assert raw["counted_by"] == {"stats": 1, "tar": 1}
+
+
+def cut_shard(path: Path, where: str) -> None:
+    """Cut a make_shard_set shard inside its sample 3: in its image's data, or in its caption's header."""
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar}
+    cut = {"mid-member": members["s000x00003.png"].offset_data + 10,
+           "inside a header": members["s000x00003.txt"].offset + 100}[where]
+    path.write_bytes(path.read_bytes()[:cut])
+
+
+def deliver(manifest: Path) -> tuple[list[str], object]:
+    """(sorted keys of one epoch through the real loader, its skip stats)."""
+    dm = ShardDataModule(str(manifest), batch_size=1, num_workers=0, resolution=8, max_skip_fraction=1.0,
+                         shuffle_window=1)
+    loader = dm.train_dataloader(0, 1)
+    return sorted(k for b in loader for k in b["key"]), loader.stats
+
+
+@pytest.mark.parametrize("where", ["mid-member", "inside a header"])
+def test_make_manifest_keeps_the_readable_part_of_a_damaged_shard(tmp_path, capsys, where):
+    """A shard cut inside sample 3 is reported and listed with the 3 samples before the cut, which the
+    loader delivers whole (no loss the manifest does not declare); the sample cut is really lost (listing
+    it costs a skipped sample); --strict fails naming the shard and writes nothing."""
+    folder = tmp_path / "shards"
+    make_shard_set(folder, [6, 5])
+    bad = folder / "shard-000000.tar"
+    cut_shard(bad, where)
+    path = make_manifest.make_manifest(folder)
+    raw = json.loads(path.read_text())
+    assert [(s["url"], s["num_samples"]) for s in raw["shards"]] == [("shard-000000.tar", 3),
+                                                                      ("shard-000001.tar", 5)]
+    assert raw["total"] == 8
+    [damaged] = raw["damaged"]
+    assert (damaged["url"], damaged["readable"]) == ("shard-000000.tar", 3)
+    assert {"mid-member": "data of s000x00003.png runs past the end of the file",
+            "inside a header": "inside the header after member s000x00003.png"}[where] in damaged["problem"]
+    report = capsys.readouterr().err
+    assert f"damaged shard shard-000000.tar: 3 readable sample(s) kept; {damaged['problem']}" in report
+    keys, stats = deliver(path)
+    assert keys == [f"s000x{i:05d}" for i in range(3)] + [f"s001x{i:05d}" for i in range(5)]
+    assert (stats.planned, stats.skipped) == (8, 0)
+    with pytest.raises(DataError, match=r"cannot read tar shard .*shard-000000\.tar: .*\(3 sample\(s\) "
+                                        r"readable before it\)"):
+        count_samples(bad)
+
+    write_manifest(folder, [ShardInfo(str(bad), 4), ShardInfo(str(folder / "shard-000001.tar"), 5)])
+    keys, stats = deliver(folder / "manifest.json")
+    assert len(keys) == 8 and stats.skipped == 1 and set(stats.by_shard) == {str(bad)}
+
+    listed = (folder / "manifest.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"1 damaged shard\(s\) \(--strict; no manifest written\): "
+                                         r"shard-000000\.tar$"):
+        make_manifest.main([str(folder), "--strict"])
+    assert (folder / "manifest.json").read_bytes() == listed
+
+
+def test_make_manifest_leaves_out_a_shard_with_no_readable_sample(tmp_path, capsys):
+    folder = tmp_path / "shards"
+    make_shard_set(folder, [6, 5])
+    bad = folder / "shard-000000.tar"
+    bad.write_bytes(bad.read_bytes()[:100])  # cut in the first header
+    raw = json.loads(make_manifest.make_manifest(folder).read_text())
+    assert [(s["url"], s["num_samples"]) for s in raw["shards"]] == [("shard-000001.tar", 5)]
+    assert raw["damaged"] == [{"url": "shard-000000.tar", "readable": 0, "problem": "truncated header"}]
+    report = capsys.readouterr().err
+    assert "damaged shard shard-000000.tar: left out, no readable sample; truncated header" in report
 
 
 def test_make_manifest_no_tars(tmp_path):

@@ -1,8 +1,9 @@
 """Turn a raw sample (bytes per field) into training tensors, or say precisely why not.
 
 Images: jpg/png/webp in any mode (grayscale, palette, RGBA, 16-bit) become RGB uint8 CHW tensors,
-resized on the shorter side and cropped square. Captions come from ``.txt`` or a json field. Derived
-array keys (``latent.npy``, ``clip_img.npy``...) pass through as tensors. Every failure raises
+resized on the shorter side and cropped square. Captions come from ``.txt`` or a json field, with
+NUL and the other non-whitespace control characters removed anywhere in them. Derived array keys
+(``latent.npy``, ``clip_img.npy``...) pass through as tensors. Every failure raises
 `BadSample` with a reason; the stream skips and counts it.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,12 @@ import torch
 from PIL import Image
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+# NUL and the other C0/C1 control characters (Unicode category Cc, all below U+0100) are not text: a
+# caption made of them is no caption, and inside one they only feed the tokenizer noise. Tab, newline
+# and the other whitespace controls stay whitespace.
+_CONTROL_CHARS = dict.fromkeys(c for c in range(0x100)
+                               if unicodedata.category(chr(c)) == "Cc" and not chr(c).isspace())
 
 
 class BadSample(ValueError):
@@ -105,8 +113,13 @@ def decode_caption(fields: dict[str, bytes], cfg: DecodeConfig) -> str:
             except UnicodeDecodeError:
                 raise BadSample("caption is not valid UTF-8") from None
     text = (text or "").strip()
+    if not text:
+        if cfg.caption_required:
+            raise BadSample("missing or empty caption")
+        return ""
+    text = text.translate(_CONTROL_CHARS).strip()
     if not text and cfg.caption_required:
-        raise BadSample("missing or empty caption")
+        raise BadSample("caption holds only control characters")
     return text
 
 

@@ -8,6 +8,8 @@
 Relative urls are resolved against the manifest's folder. A url may also be an absolute path or a
 ``pipe:`` command (WebDataset's convention, e.g. ``pipe:aws s3 cp s3://b/x.tar -``).
 Sample counts are what make an exact, evenly split stream possible without reading the data first.
+Other top-level keys are information only, e.g. make_manifest.py's ``"damaged"``: the shards listed with
+only the samples readable before their damage (`scan_shard`).
 """
 
 from __future__ import annotations
@@ -91,18 +93,21 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     return manifest
 
 
+def stored_url(url: str, folder: str | Path) -> str:
+    """`url` as a manifest in `folder` stores it: relative to `folder` when inside it, else absolute
+    (pipe commands and URLs unchanged)."""
+    if url.startswith("pipe:") or "://" in url:
+        return url
+    try:
+        return str(Path(url).resolve().relative_to(Path(folder).resolve()))
+    except ValueError:
+        return str(Path(url).resolve())
+
+
 def write_manifest(folder: str | Path, shards: list[ShardInfo], **meta) -> Path:
     """Write `manifest.json` into `folder`; urls inside `folder` are stored relative to it."""
     folder = Path(folder)
-    entries = []
-    for s in shards:
-        url = s.url
-        if not s.is_pipe and "://" not in url:
-            try:
-                url = str(Path(url).resolve().relative_to(folder.resolve()))
-            except ValueError:
-                url = str(Path(url).resolve())
-        entries.append({"url": url, "num_samples": s.num_samples})
+    entries = [{"url": stored_url(s.url, folder), "num_samples": s.num_samples} for s in shards]
     body = {**meta, "format": FORMAT, "total": sum(s.num_samples for s in shards), "shards": entries}
     out = folder / MANIFEST_NAME
     tmp = out.with_suffix(".json.tmp")
@@ -119,19 +124,59 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), (field if dot else "")
 
 
-def count_samples(tar_path: str | Path) -> int:
-    """Count the samples of a local tar shard by reading only its member headers."""
-    n, last = 0, None
+def _end_problem(tar_path: str | Path, offset: int, last_name: str | None) -> str | None:
+    """What is at `offset`, where tarfile stopped without an error: None for a proper end-of-archive block.
+    tarfile ends quietly on a cut or corrupt header (anywhere but the first), so this is checked here."""
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if block == tarfile.NUL * tarfile.BLOCKSIZE:
+        return None
+    where = f"after member {last_name}" if last_name else f"at byte {offset}"
+    if not block:
+        return f"the file ends without an end-of-archive block {where} (cut between members)"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"the file ends inside the header {where} (cut inside a header)"
+    return f"unreadable header {where} (corrupt data)"
+
+
+def scan_shard(tar_path: str | Path) -> tuple[int, str | None]:
+    """(samples of a local tar shard that the loader delivers whole, what is wrong with the shard or None),
+    read from the member headers only.
+
+    The loader (`t2i.data.tar_reader.read_samples`) completes a sample only when it reads the header that
+    follows the sample's last member, or a clean end of the archive: at a cut or corrupt spot the sample in
+    progress loses its remaining members (or the member being read). So a damaged shard's count is the
+    samples started before the damage minus the one in progress, even where that one might be whole: a tar
+    cannot say whether more members of it were to follow.
+    """
+    started, problem, last_name = 0, None, None
     try:
+        size = Path(tar_path).stat().st_size
         with tarfile.open(tar_path, "r:") as tar:
+            last_key = None
             for member in tar:
-                if not member.isfile():
-                    continue
-                key, _ = sample_key(member.name)
-                if key.startswith("_"):
-                    continue
-                if key != last:
-                    n, last = n + 1, key
-    except tarfile.TarError as e:
-        raise DataError(f"cannot read tar shard {tar_path}: {e}") from e
+                if member.isfile():
+                    key, _ = sample_key(member.name)
+                    if not key.startswith("_") and key != last_key:
+                        started, last_key = started + 1, key
+                if member.isfile() and member.offset_data + member.size > size:
+                    problem = (f"the data of {member.name} runs past the end of the file "
+                               f"({member.offset_data + member.size} > {size} bytes: cut inside a member)")
+                    break
+                last_name = member.name
+            else:
+                problem = _end_problem(tar_path, tar.offset, last_name)  # tarfile's offset: its next header
+    except (OSError, tarfile.TarError, EOFError) as e:
+        problem = f"{e}" + (f" after member {last_name}" if last_name else "")
+    if problem is None:
+        return started, None
+    return max(started - 1, 0), problem
+
+
+def count_samples(tar_path: str | Path) -> int:
+    """The samples of a local tar shard (read from its member headers); DataError if the shard is damaged."""
+    n, problem = scan_shard(tar_path)
+    if problem is not None:
+        raise DataError(f"cannot read tar shard {tar_path}: {problem} ({n} sample(s) readable before it)")
     return n
