@@ -1,13 +1,17 @@
 """Run a recipe: an ordered list of steps (data preparation, training stages, evaluation) where later
 steps use earlier stages' exports.
 
-    python -m t2i.cli.recipe recipes/ldm.yaml [STAGE.KEY=VALUE ...] [--only STAGE] [--force STAGE]
+    python -m t2i.cli.recipe recipes/ldm.yaml [STAGE.KEY=VALUE ...] [--only STAGE] [--force STAGE] [--plan]
 
 A training stage runs as ``python -m t2i.cli.train experiment=...`` in a subprocess (so DDP launches
 work as on the command line) with ``ckpt_path=last``: an interrupted stage resumes. A stage whose export
 exists and was trained from the same config (hash in stage.json, parents included) is skipped.
 ``vae.trainer.max_steps=100`` overrides a setting of the stage named ``vae``; ``trainer.devices=4``
 (no stage prefix) applies to every training stage.
+
+Before anything runs the whole plan is decided and printed, one line per step: each training stage's config
+composed and hashed, and whether it trains (no export yet), retrains (its export is from another config),
+trains from scratch (``--force``) or is skipped. ``--plan`` prints it and runs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -34,6 +39,56 @@ class RecipeError(RuntimeError):
     pass
 
 
+# What a step will do. A training stage: TRAIN (no export yet), RETRAIN (its export was trained from another
+# config), FORCE (--force: from scratch, not resuming last.ckpt) or SKIP (its export is from this config).
+# A command or call step: RUN.
+TRAIN, RETRAIN, FORCE, SKIP, RUN = "train", "retrain", "force", "skip", "run"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step as `RecipeRunner.run` will take it, decided before anything runs."""
+
+    name: str
+    kind: str  # train | command | call
+    action: str  # TRAIN, RETRAIN, FORCE or SKIP for a training stage, RUN for the others
+    reason: str  # what the user reads: why this action
+    config_hash: str | None = None  # a training stage's (its parents' hashes included)
+    saved_hash: str | None = None  # the hash in its export's stage.json, when there is one
+    export: Path | None = None
+    run_dir: Path | None = None
+    argv: tuple[str, ...] = ()  # the command line of a training stage or command step
+    function: str = ""  # a call step's module:function
+    kwargs: dict = field(default_factory=dict)  # and its arguments
+
+    def line(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+def train_action(config_hash: str, saved_hash: str | None, forced: bool) -> str:
+    """What a training stage needs, from its config hash, its export's (None: no export) and --force."""
+    if forced:
+        return FORCE
+    if saved_hash is None:
+        return TRAIN
+    return SKIP if saved_hash == config_hash else RETRAIN
+
+
+def format_plan(path: str | Path, planned: list[PlannedStep]) -> str:
+    return "\n".join([f"[recipe] plan of {path}:", *(f"[recipe]   {p.line()}" for p in planned)])
+
+
+def _saved_hash(info: Path) -> str | None:
+    """The config hash an export's stage.json records, None when there is no stage.json."""
+    if not info.is_file():
+        return None
+    try:
+        return str(json.loads(info.read_text(encoding="utf-8")).get("config_hash"))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise RecipeError(f"{info} is not a stage.json (a JSON object with a config_hash): {e}; delete that "
+                          f"export or pass --force to retrain it") from e
+
+
 class RecipeRunner:
     def __init__(self, recipe_path: str | Path, overrides: list[str] = (), force: tuple[str, ...] = ()):
         self.path = Path(recipe_path)
@@ -45,6 +100,9 @@ class RecipeRunner:
         if len(set(names)) != len(names):
             raise RecipeError(f"{self.path}: step names must be unique: {names}")
         self.stage_overrides, self.global_overrides = self._split_overrides(list(overrides), names)
+        unknown = sorted(set(force) - {s["name"] for s in self.steps if s.get("kind", "train") == "train"})
+        if unknown:
+            raise RecipeError(f"{self.path}: --force {unknown} names no training stage; the steps are {names}")
         self.force = set(force)
         self.exports: dict[str, dict] = {}  # stage name -> {"export": path, "hash": config hash}
 
@@ -80,30 +138,39 @@ class RecipeRunner:
             return str(self.exports[name][attr])
         return STAGE_REF.sub(sub, text)
 
-    def run(self, only: str | None = None) -> dict[str, dict]:
-        if only and only not in {s["name"] for s in self.steps}:
-            raise RecipeError(f"{self.path}: --only {only!r} names no step; the steps are "
-                              f"{[s['name'] for s in self.steps]}")
+    def plan(self, only: str | None = None) -> list[PlannedStep]:
+        """The steps `run` takes, in order, and what each will do, decided without running anything. With
+        `only`, the training stages before it must be up to date (a RecipeError names the first that is not)
+        and the steps after it are left out: they cannot feed it."""
+        kinds = {s["name"]: s.get("kind", "train") for s in self.steps}
+        if only and only not in kinds:
+            raise RecipeError(f"{self.path}: --only {only!r} names no step; the steps are {list(kinds)}")
+        self.exports = {}
+        planned = []
         for step in self.steps:
-            if only and step["name"] != only and step.get("kind") != "train":
+            name = step["name"]
+            if only and name != only and kinds[name] != "train":
                 continue
+            planned.append(self._plan_step(step, run=(only is None or only == name)))
+            if only == name:
+                break
+        return planned
+
+    def run(self, only: str | None = None) -> dict[str, dict]:
+        planned = self.plan(only)
+        print(format_plan(self.path, planned), flush=True)
+        for step in planned:
             start = time.time()
-            kind = step.get("kind", "train")
-            print(f"\n[recipe] ===== {step['name']} ({kind}) =====", flush=True)
-            if kind == "train":
-                self._train(step, run=(only is None or only == step["name"]))
-            elif kind == "command":
-                self._command(step)
-            elif kind == "call":
-                self._call(step)
-            else:
-                raise RecipeError(f"{self.path}: step {step['name']!r} has unknown kind {kind!r}")
-            print(f"[recipe] {step['name']}: {time.time() - start:.0f}s", flush=True)
-            if only == step["name"]:
-                break  # later steps cannot feed this one: they are neither checked nor run
+            print(f"\n[recipe] ===== {step.name} ({step.kind}) =====", flush=True)
+            self._execute(step)
+            print(f"[recipe] {step.name}: {time.time() - start:.0f}s", flush=True)
         return self.exports
 
     def stage_config(self, step: dict) -> tuple[list[str], dict]:
+        early = [n for n in step.get("parents", []) if n not in self.exports]
+        if early:
+            raise RecipeError(f"{self.path}: stage {step['name']!r} lists parents {early} that are not training "
+                              f"stages before it")
         parents = {n: self.exports[n]["hash"] for n in step.get("parents", [])}
         own = self.stage_overrides[step["name"]]
         experiment = next((o.split("=", 1)[1] for o in own if o.startswith("experiment=")), step["experiment"])
@@ -113,45 +180,63 @@ class RecipeRunner:
         cfg = compose_config(overrides)
         return overrides, OmegaConf.to_container(cfg, resolve=True)
 
-    def _train(self, step: dict, run: bool = True) -> None:
+    def _plan_step(self, step: dict, run: bool) -> PlannedStep:
+        name, kind = step["name"], step.get("kind", "train")
+        if kind == "train":
+            return self._plan_train(step, run)
+        if kind == "command":
+            args = [self._resolve(str(a)) for a in step["run"]]
+            if args[0] == "python":
+                args[0] = sys.executable
+            return PlannedStep(name, kind, RUN, "$ " + " ".join(args), argv=tuple(args))
+        if kind == "call":
+            function = step["function"]
+            module_name, _, func_name = function.partition(":")
+            if not module_name.startswith("t2i.") or not func_name:
+                raise RecipeError(f"step {name!r}: function must be a t2i module:function, not {function!r}")
+            kwargs = {k: self._resolve_value(v) for k, v in (step.get("args") or {}).items()}
+            kwargs.update(_parse_kv(self.stage_overrides[name]))
+            return PlannedStep(name, kind, RUN, f"call {function}", function=function, kwargs=kwargs)
+        raise RecipeError(f"{self.path}: step {name!r} has unknown kind {kind!r}")
+
+    def _plan_train(self, step: dict, run: bool) -> PlannedStep:
+        """Compose the stage's config, hash it, and compare with its export's stage.json. Registers the
+        stage's export and hash for the ``${stage:...}`` references of the steps after it."""
+        name = step["name"]
         overrides, cfg = self.stage_config(step)
         digest = config_hash(cfg)
-        export = Path(cfg["export_dir"])
-        self.exports[step["name"]] = {"export": export, "hash": digest, "run_dir": Path(cfg["run_dir"])}
-        info = export / STAGE
-        if info.is_file() and step["name"] not in self.force:
-            saved = json.loads(info.read_text(encoding="utf-8")).get("config_hash")
-            if saved == digest:
-                print(f"[recipe] {step['name']}: export {export} matches its config ({digest}): skipped")
-                return
-            print(f"[recipe] {step['name']}: config changed ({saved} -> {digest}): training")
-        if not run:
-            raise RecipeError(f"stage {step['name']!r} has no up-to-date export; run it first")
-        forced = step["name"] in self.force  # --force: train from scratch instead of resuming last.ckpt
-        cmd = [sys.executable, "-m", "t2i.cli.train", *overrides, *([] if forced else ["ckpt_path=last"])]
-        print("[recipe] $ " + " ".join(cmd), flush=True)
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise RecipeError(f"stage {step['name']!r} failed (see its output above); rerun the recipe to "
-                              f"resume it from {cfg['run_dir']}/checkpoints/last.ckpt")
-        if not info.is_file():
-            raise ExportError(f"stage {step['name']!r} finished without writing {export}")
+        export, run_dir = Path(cfg["export_dir"]), Path(cfg["run_dir"])
+        self.exports[name] = {"export": export, "hash": digest, "run_dir": run_dir}
+        saved = _saved_hash(export / STAGE)
+        action = train_action(digest, saved, name in self.force)
+        reason = {TRAIN: f"no export at {export}: train ({digest})",
+                  RETRAIN: f"config changed ({saved} -> {digest}): retrain",
+                  FORCE: f"--force: train from scratch ({digest})",
+                  SKIP: f"export {export} matches its config ({digest}): skip"}[action]
+        if not run and action != SKIP:
+            raise RecipeError(f"stage {name!r} has no up-to-date export ({reason}); run it first")
+        # FORCE starts over; the others resume <run_dir>/checkpoints/last.ckpt when an interrupted run left one
+        argv = (sys.executable, "-m", "t2i.cli.train", *overrides, *([] if action == FORCE else ["ckpt_path=last"]))
+        return PlannedStep(name, "train", action, reason, config_hash=digest, saved_hash=saved, export=export,
+                           run_dir=run_dir, argv=argv)
 
-    def _command(self, step: dict) -> None:
-        args = [self._resolve(str(a)) for a in step["run"]]
-        if args[0] == "python":
-            args[0] = sys.executable
-        print("[recipe] $ " + " ".join(args), flush=True)
-        if subprocess.run(args, check=False).returncode != 0:
-            raise RecipeError(f"step {step['name']!r} failed: {' '.join(args)}")
-
-    def _call(self, step: dict) -> None:
-        module_name, func_name = step["function"].split(":")
-        if not module_name.startswith("t2i."):
-            raise RecipeError(f"step {step['name']!r}: only t2i functions may be called, not {module_name}")
-        func = getattr(importlib.import_module(module_name), func_name)
-        kwargs = {k: self._resolve_value(v) for k, v in (step.get("args") or {}).items()}
-        kwargs.update(_parse_kv(self.stage_overrides[step["name"]]))
-        func(**kwargs)
+    def _execute(self, step: PlannedStep) -> None:
+        if step.action == SKIP:
+            print(f"[recipe] {step.name}: up to date, skipped", flush=True)
+        elif step.kind == "train":
+            print("[recipe] $ " + " ".join(step.argv), flush=True)
+            if subprocess.run(list(step.argv), check=False).returncode != 0:
+                raise RecipeError(f"stage {step.name!r} failed (see its output above); rerun the recipe to "
+                                  f"resume it from {step.run_dir}/checkpoints/last.ckpt")
+            if not (step.export / STAGE).is_file():
+                raise ExportError(f"stage {step.name!r} finished without writing {step.export}")
+        elif step.kind == "command":
+            print("[recipe] $ " + " ".join(step.argv), flush=True)
+            if subprocess.run(list(step.argv), check=False).returncode != 0:
+                raise RecipeError(f"step {step.name!r} failed: {' '.join(step.argv)}")
+        else:
+            module_name, func_name = step.function.split(":")
+            getattr(importlib.import_module(module_name), func_name)(**step.kwargs)
 
 
 def _parse_kv(items: list[str]) -> dict:
@@ -165,9 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help="run this step only (earlier training stages must be up to date)")
     p.add_argument("--force", action="append", default=[],
                    help="retrain this stage from scratch, even if its export is up to date")
-    args = p.parse_args(argv)
+    p.add_argument("--plan", action="store_true",
+                   help="print what each step would do (train, retrain, skip, and why) and run nothing")
+    args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     try:
-        RecipeRunner(args.recipe, args.overrides, tuple(args.force)).run(args.only)
+        runner = RecipeRunner(args.recipe, args.overrides, tuple(args.force))
+        if args.plan:
+            print(format_plan(runner.path, runner.plan(args.only)))
+        else:
+            runner.run(args.only)
     except (RecipeError, ExportError) as e:
         sys.exit(f"[recipe] error: {e}")
 
