@@ -122,9 +122,23 @@ def test_diffusers_folder_import(tmp_path):
     assert "text" not in record["written"]  # no text_encoder/ in this folder
 
 
-def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(sd2_file, tmp_path):
-    with pytest.raises(ValueError, match=r"(?s)shape.*input_blocks|missing.*input_blocks|unexpected"):
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(sd_parts, sd2_file, tmp_path):
+    given = sd_parts[0].state_dict()  # the file's UNet: the tiny preset's
+    with torch.device("meta"):  # SD 1's UNet for its names and shapes, without its memory
+        wanted = UNet(**preset_unet_kwargs("sd/v1")).state_dict()
+    missing = [k for k in wanted if k not in given]
+    unexpected = sorted(k for k in given if k not in wanted)
+    mismatched = [k for k in wanted if k in given and given[k].shape != wanted[k].shape]
+    conv_in = "input_blocks.0.0.weight"  # present in both, 64 channels against SD's 320
+    assert missing and unexpected and conv_in in mismatched  # the three kinds of difference the error must name
+    with pytest.raises(ValueError) as refused:
         import_stable_diffusion(sd2_file, tmp_path / "import", preset="sd/v1")  # an SD-sized preset
+    message = str(refused.value)
+    assert message.startswith("CompVis checkpoint -> t2i UNet: the state dict does not match the UNet configuration")
+    assert f"{len(missing)} missing keys [{missing[0]}, {missing[1]}, " in message
+    assert f"{len(unexpected)} unexpected keys [{unexpected[0]}, {unexpected[1]}, " in message
+    assert f"{len(mismatched)} shape mismatches [{mismatched[0]}: {tuple(given[mismatched[0]].shape)}, " in message
+    assert f"{conv_in}: {tuple(given[conv_in].shape)}, expected {tuple(wanted[conv_in].shape)}" in message
     assert not (tmp_path / "import" / "unet.safetensors").exists()
 
 

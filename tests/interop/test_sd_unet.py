@@ -158,6 +158,20 @@ def test_bin_weights_are_read_with_weights_only(tmp_path):
     x, t, context, vector = inputs("sd1")
     assert max_diff(t2i_out(unet, x, t, context, vector), diffusers_out(reference, x, t, context, vector)) <= TOL
 
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling this would create `marker`: only weights_only=True refuses it unrun
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((tmp_path / "unet" / "config.json").read_text())
+    torch.save(dict(reference.state_dict(), evil=Payload()), evil / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"refusing to load .*diffusion_pytorch_model\.bin.*weights_only=True"):
+        load_diffusers_unet(evil)
+    assert not marker.exists()
+
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_key_map_agrees_with_diffusers_own_single_file_converter(name):

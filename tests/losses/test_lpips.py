@@ -5,11 +5,6 @@ from safetensors.torch import save_file
 from t2i.losses.lpips import LPIPS
 
 
-class NotATensor:  # module level so that torch.save can pickle it
-    def __init__(self):
-        self.payload = "arbitrary object"
-
-
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
     torch.manual_seed(0)
@@ -102,9 +97,16 @@ def test_wrong_shape_is_clear(weight_files, tmp_path):
 
 def test_pickled_object_refused(weight_files, tmp_path):
     root, _, lin_state = weight_files
-    torch.save(dict(lin_state, evil=NotATensor()), tmp_path / "pickled.pth")
-    with pytest.raises(ValueError, match="pickled.pth"):
+    marker = tmp_path / "pwned"
+
+    class Payload:  # unpickling this would create `marker`: only weights_only=True refuses it unrun
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save(dict(lin_state, evil=Payload()), tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match=r"refusing to load .*pickled\.pth.*\(loaded with weights_only=True\)"):
         LPIPS.from_files(root / "vgg16.pth", tmp_path / "pickled.pth")
+    assert not marker.exists()
     torch.save({"note": "a string, not a tensor"}, tmp_path / "string.pth")
     with pytest.raises(ValueError, match="flat dict of tensors"):
         LPIPS.from_files(root / "vgg16.pth", tmp_path / "string.pth")

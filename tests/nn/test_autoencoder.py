@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -138,7 +137,6 @@ def test_overfit_single_batch():
     x = torch.stack([image, image.flip(-1)])
     model = AutoencoderKL(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    start = time.perf_counter()
     for _ in range(150):
         rec, post = model(x, sample_posterior=False)
         loss = reconstruction_loss(x, rec, "l2") + 1e-7 * post.kl().mean()
@@ -148,7 +146,6 @@ def test_overfit_single_batch():
     with torch.no_grad():
         rec, _ = model(x, sample_posterior=False)
     assert psnr(x, rec).min() > 25.0, psnr(x, rec)
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
