@@ -6,6 +6,10 @@
 Each split goes to OUT/<split>/shard-NNNNNN.tar + manifest.json; samples have fields png, txt, json
 and 9-digit keys. Same arguments -> byte-identical shards (whatever --workers). A split whose manifest
 already records the same parameters is skipped ("up to date").
+
+The training split never shows the compositions of `t2i.data.shapes.HELD_OUT` (18 of the 162 (shape,
+colour, position) triples); the validation split is drawn from every combination, so it holds both seen
+and unseen ones. Both manifests record the held-out list under ``params.held_out``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from t2i.data.manifest import MANIFEST_NAME, DataError, load_manifest
-from t2i.data.shapes import GENERATOR_VERSION, encode_chunk, random_specs
+from t2i.data.shapes import GENERATOR_VERSION, encode_chunk, held_out_combinations, random_specs
 from t2i.data.shard_writer import ShardWriter
 
 SPLITS = ("train", "val")
@@ -35,7 +39,8 @@ def split_params(split: str, num_samples: int, seed: int, shard_size: int) -> di
     """What determines a split's bytes (stored in the manifest; --workers is deliberately not here)."""
     return {"dataset": "shapes", "generator_version": GENERATOR_VERSION, "split": split,
             "num_samples": num_samples, "seed": seed, "split_seed": split_seed(seed, split),
-            "shard_size": shard_size}
+            "shard_size": shard_size, "held_out": held_out_combinations(),
+            "includes_held_out": split != "train"}
 
 
 def is_up_to_date(folder: Path, params: dict) -> bool:
@@ -59,7 +64,7 @@ def clear_split(folder: Path) -> None:
 
 def write_split(folder: Path, params: dict, workers: int) -> None:
     n = params["num_samples"]
-    specs = random_specs(n, params["split_seed"])
+    specs = random_specs(n, params["split_seed"], exclude_held_out=not params["includes_held_out"])
     chunks = [specs[i:i + CHUNK] for i in range(0, n, CHUNK)]
     t0, done, report_every = time.perf_counter(), 0, max(params["shard_size"], n // 10, 1)
     pool = mp.Pool(workers) if workers > 1 else None

@@ -16,7 +16,7 @@ from t2i_testing import make_shard_set
 
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.manifest import DataError, ShardInfo, count_samples, load_manifest, write_manifest
-from t2i.data.shapes import ShapeSpec, parse_caption, render
+from t2i.data.shapes import ShapeSpec, all_specs, held_out_combinations, is_held_out, parse_caption, render
 
 DATA_PREP = Path(__file__).resolve().parents[2] / "data_prep"
 
@@ -70,6 +70,31 @@ def test_make_shapes_writes_splits(tmp_path):
     train_caps = [members[f"{i:09d}.txt"] for i in range(50)]
     val_caps = [v for k, v in sorted(read_split(out / "val").items()) if k.endswith(".txt")]
     assert train_caps != val_caps
+
+
+def _split_specs(folder: Path) -> list[ShapeSpec]:
+    members = read_split(folder)
+    return [ShapeSpec(*(json.loads(v)[k] for k in ("shape", "color", "size", "position", "background")))
+            for k, v in sorted(members.items()) if k.endswith(".json")]
+
+
+def test_the_training_split_never_shows_a_held_out_composition(tmp_path):
+    """Every sample of a 3000-sample training split checked; the validation split holds both kinds; both
+    manifests record the list; every single value and every pair of the held-out attributes is still seen."""
+    out = tmp_path / "shapes"
+    make_shapes.make_shapes(out, train=3000, val=600, seed=0, shard_size=1000, workers=2)
+    train, val = _split_specs(out / "train"), _split_specs(out / "val")
+    assert len(train) == 3000 and not [s for s in train if is_held_out(s)]
+    unseen = [s for s in val if is_held_out(s)]
+    assert 0.06 < len(unseen) / len(val) < 0.17, len(unseen)  # 18 of 162 triples: 11% expected
+    for split in ("train", "val"):
+        params = json.loads((out / split / "manifest.json").read_text())["params"]
+        assert params["held_out"] == held_out_combinations() and len(params["held_out"]) == 18
+        assert params["includes_held_out"] is (split == "val")
+    for a, b in (("shape", "color"), ("shape", "position"), ("color", "position")):
+        seen_pairs = {(getattr(s, a), getattr(s, b)) for s in train}
+        every_pair = {(getattr(s, a), getattr(s, b)) for s in all_specs()}
+        assert seen_pairs == every_pair, (a, b, sorted(every_pair - seen_pairs))
 
 
 def test_make_shapes_byte_identical_and_idempotent(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from t2i.data.shapes import (
     BACKGROUNDS,
     COLORS,
+    HELD_OUT,
     POSITIONS,
     RESOLUTION,
     SHAPES,
@@ -20,6 +22,8 @@ from t2i.data.shapes import (
     bbox,
     caption,
     encode_sample,
+    held_out_specs,
+    is_held_out,
     parse_caption,
     random_specs,
     render,
@@ -57,6 +61,28 @@ def test_random_specs_deterministic_and_uniform():
         counts = {v: sum(getattr(s, name) == v for s in a) for v in values}
         expected = len(a) / len(values)
         assert all(abs(c - expected) < 0.25 * expected for c in counts.values()), counts
+
+
+def test_held_out_compositions_keep_every_value_and_pair_seen():
+    """18 of the 162 (shape, colour, position) triples, one per (shape, colour) pair, two per position; each
+    (shape, position) and (colour, position) pair is held out with at most one triple, so all pairs stay seen."""
+    assert len(HELD_OUT) == len(set(HELD_OUT)) == 18
+    assert {(s, c) for s, c, _ in HELD_OUT} == {(s, c) for s in SHAPES for c in COLORS}
+    assert sorted(Counter(p for _, _, p in HELD_OUT).values()) == [2] * 9
+    triples = {(s.shape, s.color, s.position) for s in all_specs()}
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        seen = {(t[i], t[j]) for t in triples - set(HELD_OUT)}
+        assert seen == {(t[i], t[j]) for t in triples}, (i, j)
+
+
+def test_random_specs_can_leave_the_held_out_compositions_out():
+    specs = random_specs(4000, seed=3, exclude_held_out=True)
+    assert len(specs) == 4000 and not any(is_held_out(s) for s in specs)
+    assert specs == random_specs(4000, seed=3, exclude_held_out=True)
+    assert specs[:100] != random_specs(4000, seed=4, exclude_held_out=True)[:100]
+    unseen = held_out_specs(500, seed=3)
+    assert all(is_held_out(s) for s in unseen) and {(s.shape, s.color, s.position) for s in unseen} == set(HELD_OUT)
+    assert {s.size for s in unseen} == set(SIZES) and {s.background for s in unseen} == set(BACKGROUNDS)
 
 
 def test_render_and_encode_deterministic():

@@ -34,7 +34,17 @@ POSITIONS = {  # name -> (row, col) of the 3x3 grid
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128)}
 MAX_JITTER = 1.0  # px, per axis
 SUPERSAMPLE = 8  # coverage samples per pixel per axis (anti-aliasing)
-GENERATOR_VERSION = 1  # bump when rendering or sampling changes
+GENERATOR_VERSION = 2  # bump when rendering or sampling changes (2: held-out compositions)
+
+# Compositions the training split never shows, so that evaluation can ask for combinations a model has not
+# seen: one (shape, colour, position) triple per (shape, colour) pair, 18 of the 162 triples (11%). The k-th
+# pair takes position 2k mod 9, so each position is held out for two pairs, each shape at six positions and
+# each colour at three: every single value, and every (shape, colour), (shape, position) and (colour,
+# position) pair, is still seen in training - only the 18 triples are new.
+HELD_OUT_ATTRIBUTES = ("shape", "color", "position")
+HELD_OUT: tuple[tuple[str, str, str], ...] = tuple(
+    (shape, color, list(POSITIONS)[(2 * (i * len(COLORS) + j)) % len(POSITIONS)])
+    for i, shape in enumerate(SHAPES) for j, color in enumerate(COLORS))
 
 
 @dataclass(frozen=True)
@@ -137,9 +147,36 @@ def render(spec: ShapeSpec) -> np.ndarray:
     return np.rint(bg + (fg - bg) * a).astype(np.uint8)
 
 
-def random_specs(n: int, seed: int) -> list[ShapeSpec]:
-    """`n` specs uniform over all attributes, with jitter uniform in [-1, 1] px (rounded to 1e-3)."""
+def held_out_combinations() -> list[dict[str, str]]:
+    """`HELD_OUT` as manifests record it: a list of {attribute: value}."""
+    return [dict(zip(HELD_OUT_ATTRIBUTES, triple, strict=True)) for triple in HELD_OUT]
+
+
+def is_held_out(spec: ShapeSpec) -> bool:
+    return (spec.shape, spec.color, spec.position) in HELD_OUT
+
+
+def random_specs(n: int, seed: int, exclude_held_out: bool = False) -> list[ShapeSpec]:
+    """`n` specs uniform over all attributes, with jitter uniform in [-1, 1] px (rounded to 1e-3); with
+    `exclude_held_out`, uniform over the combinations outside `HELD_OUT` (drawn in rounds from the same
+    generator, so still a pure function of (n, seed))."""
     rng = np.random.default_rng(seed)
+    specs = _draw(rng, n)
+    while exclude_held_out and len(specs := [s for s in specs if not is_held_out(s)]) < n:
+        specs += _draw(rng, n - len(specs))
+    return specs
+
+
+def held_out_specs(n: int, seed: int) -> list[ShapeSpec]:
+    """`n` specs of the held-out compositions: a triple of `HELD_OUT` uniformly, size, background and
+    jitter as `random_specs` draws them."""
+    rng = np.random.default_rng(seed)
+    triples = rng.integers(0, len(HELD_OUT), size=n)
+    return [ShapeSpec(*HELD_OUT[t][:2], s.size, HELD_OUT[t][2], s.background, s.dx, s.dy)
+            for t, s in zip(triples, _draw(rng, n), strict=True)]
+
+
+def _draw(rng: np.random.Generator, n: int) -> list[ShapeSpec]:
     pick = {name: rng.integers(0, len(vals), size=n) for name, vals in
             (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("position", POSITIONS),
              ("background", BACKGROUNDS))}
