@@ -39,7 +39,7 @@ from claims_sampling import cfg, classifier_vs_cfg, ddim_ddpm, thresholding, unc
 from claims_training import latent_pixel, noise_augmentation
 
 from t2i.eval.fid import ClipImageFeatures
-from t2i.eval.shapes import heldout_prompts
+from t2i.eval.shapes import eval_prompts
 
 CLAIMS = {"ddim_ddpm": ddim_ddpm, "cfg": cfg, "thresholding": thresholding, "latent_pixel": latent_pixel,
           "noise_augmentation": noise_augmentation, "unclip_prior": unclip_prior,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{args.prompts}")
         kept = {c["key"]: c for c in old["claims"]}
     torch.manual_seed(args.seed)
-    ctx = Context(heldout_prompts(args.prompts), args.val, args.train, ClipImageFeatures(args.clip),
+    ctx = Context(eval_prompts(args.prompts, "seen"), args.val, args.train, ClipImageFeatures(args.clip),
                   args.batch_size, args.seed, args.work, args.device)
     paths = {"ldm": args.ldm, "base": args.base, "sr": args.sr, "classifier": args.classifier,
              "prior": args.prior, "decoder": args.decoder}

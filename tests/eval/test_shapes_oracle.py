@@ -13,12 +13,24 @@ from t2i.data.shapes import (
     POSITIONS,
     SHAPES,
     SIZES,
+    ShapeSpec,
     caption,
+    is_held_out,
     parse_caption,
     random_specs,
     render,
 )
-from t2i.eval.shapes import ATTRIBUTES, compare, heldout_prompts, judge, judge_all, score, score_specs
+from t2i.eval.shapes import (
+    ATTRIBUTES,
+    SPLITS,
+    compare,
+    eval_prompts,
+    judge,
+    judge_all,
+    percent_with_interval,
+    score,
+    score_specs,
+)
 
 N = 500
 CHANCE = {"shape": 1 / len(SHAPES), "color": 1 / len(COLORS), "size": 1 / len(SIZES),
@@ -103,7 +115,22 @@ def test_score_returns_per_attribute_accuracy(rendered):
         score(batch[:3], prompts[:2])
 
 
-def test_heldout_prompts_are_canonical_and_deterministic():
-    prompts = heldout_prompts(50, seed=7)
-    assert prompts == heldout_prompts(50, seed=7) != heldout_prompts(50, seed=8)
-    assert [caption(parse_caption(p)) for p in prompts] == prompts
+def test_eval_prompts_are_canonical_deterministic_and_split_by_composition():
+    for split in SPLITS:
+        prompts = eval_prompts(50, split, seed=7)
+        assert prompts == eval_prompts(50, split, seed=7) != eval_prompts(50, split, seed=8)
+        assert [caption(parse_caption(p)) for p in prompts] == prompts
+        assert {is_held_out(parse_caption(p)) for p in prompts} == {split == "unseen"}
+    with pytest.raises(ValueError, match="split"):
+        eval_prompts(3, "all")
+
+
+def test_accuracies_carry_their_wilson_intervals():
+    spec = ShapeSpec("circle", "red", "large", "center", "white")
+    verdicts = [{a: getattr(spec, a) for a in ATTRIBUTES}] * 8 + [{"background": "white"}] * 2
+    result = compare(verdicts, [spec] * 10)
+    assert result["all"] == 0.8 and result["background"] == 1.0
+    low, high = result["ci95"]["all"]
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # Wilson (1927) for 8 of 10, z = 1.96
+    assert result["ci95"]["background"][1] == 1.0 and 0.69 < result["ci95"]["background"][0] < 0.73
+    assert percent_with_interval(result) == "80.0% [49.0, 94.3]"

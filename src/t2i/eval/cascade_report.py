@@ -1,7 +1,9 @@
-"""The evaluation step of the Imagen and GLIDE recipes, on held-out shapes prompts judged by the oracle:
+"""The evaluation step of the Imagen and GLIDE recipes, on shapes prompts judged by the oracle, accuracies with
+their 95% Wilson intervals:
 
-- the base model at its trained settings (at its own resolution) and the full cascade (final resolution);
-- classifier-free guidance scale x thresholding (none / static / dynamic) on the base model: alignment and
+- the base model at its trained settings (at its own resolution) and the full cascade (final resolution), on
+  prompts of seen and of unseen (held out of training) combinations;
+- on the seen prompts: classifier-free guidance scale x thresholding (none / static / dynamic) on the base model: alignment and
   the share of saturated pixels (what dynamic thresholding is for: Saharia et al. 2022, sec. 2.3);
 - each SR stage with and without noise-conditioning augmentation at sampling time, fed the base model's
   outputs and real low-res images: alignment, and the PSNR of its output downsampled back against its input
@@ -22,10 +24,12 @@ from pathlib import Path
 import torch
 
 from t2i.conditioning.lowres import downsample
-from t2i.data.shapes import caption, random_specs
+from t2i.data.shapes import caption
+from t2i.eval.intervals import wilson
 from t2i.eval.ldm_report import real_images
-from t2i.eval.shapes import ATTRIBUTES, compare, judge_all, score, score_specs
-from t2i.eval.unclip_report import HELDOUT_SEED, _row, psnr_of_batch
+from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
+from t2i.eval.shapes import SPLITS, compare, eval_specs, judge_all, percent_with_interval, score, score_specs
+from t2i.eval.unclip_report import psnr_of_batch
 from t2i.images import grid, save_png
 from t2i.pipelines.cascade import CascadePipeline
 
@@ -58,34 +62,40 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
     out.mkdir(parents=True, exist_ok=True)
     pipe = CascadePipeline.from_exports(base, list(upsamplers), device=device)
     st = pipe.settings
-    specs = random_specs(num_prompts, HELDOUT_SEED)
-    prompts = [caption(s) for s in specs]
     results: dict = {}
     res0 = pipe.base.image_size
 
-    def base_images(settings) -> torch.Tensor:
+    def base_images(settings, prompts: list[str]) -> torch.Tensor:
         return _batched(lambda s: pipe.base(prompts[s], settings, seed=seed + s.start), num_prompts, batch_size)
 
-    # the base model and the whole cascade at the trained settings
-    small = base_images(st.base)
-    results[f"base_{res0}px"] = score_specs(small, specs)
-    final = small
-    if pipe.upsamplers:
-        final = _batched(lambda s: pipe.upsample(small[s], prompts[s], seed=seed + s.start)[-1], num_prompts,
-                         batch_size)
-        results[f"cascade_{pipe.image_size}px"] = score_specs(final, specs)
-    save_png(grid(final[:64], nrow=8), out / "heldout_cascade.png")
+    # the base model and the whole cascade at the trained settings, on seen and unseen combinations
+    seen_base = None
+    for split in SPLITS:
+        specs = eval_specs(num_prompts, split)
+        prompts = [caption(s) for s in specs]
+        small = base_images(st.base, prompts)
+        results[f"base_{res0}px_{split}"] = score_specs(small, specs)
+        final = small
+        if pipe.upsamplers:
+            final = _batched(lambda s, small=small, prompts=prompts: pipe.upsample(
+                small[s], prompts[s], seed=seed + s.start)[-1], num_prompts, batch_size)
+            results[f"cascade_{pipe.image_size}px_{split}"] = score_specs(final, specs)
+        save_png(grid(final[:64], nrow=8), out / f"{split}_cascade.png")
+        seen_base = small if split == "seen" else seen_base
+    # the tables below measure the sampler's settings on the seen prompts
+    specs = eval_specs(num_prompts, "seen")
+    prompts, small = [caption(s) for s in specs], seen_base
 
     # guidance scale x thresholding on the base model
     table_settings = replace(st.base, steps=table_steps or st.base.steps)
     table, rows = {}, []
     for scale in guidance_scales:
-        row = []
+        strip = []
         for kind in thresholds:
-            images = base_images(replace(table_settings, guidance_scale=float(scale), thresholding=kind))
+            images = base_images(replace(table_settings, guidance_scale=float(scale), thresholding=kind), prompts)
             table[f"cfg{scale:g}_{kind}"] = {**score_specs(images, specs), "saturated": saturation(images)}
-            row.append(images[:8])
-        rows.append(torch.cat(row))
+            strip.append(images[:8])
+        rows.append(torch.cat(strip))
     real, _ = real_images(val_manifest, res0, num_real)
     table["real_validation_images"] = {"saturated": saturation(real.float() / 127.5 - 1)}  # the data's own share
     results["guidance_x_thresholding"] = table
@@ -106,7 +116,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
                            "base_sampler": vars(st.base), "sr_samplers": [vars(s) for s in st.sr],
                            "table_steps": table_settings.steps, "base_resolution": res0,
                            "seconds": round(time.time() - start, 1)}
-    _strip_confusion(results)
+    results = drop_confusion(results)
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     lines = report_lines(results, num_prompts)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -153,32 +163,27 @@ def _classifier_guidance(base, classifier: str, prompts: list[str], specs, scale
                                                         seed=seed + s.start), len(prompts), batch_size)
         verdicts = judge_all(images)
         both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
-        table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs)}
+        table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs),
+                                    "shape_and_color_ci95": list(wilson(both, len(specs)))}
         rows.append(images[:16])
     save_png(grid(_enlarged(torch.cat(rows), 64), nrow=16), out / "classifier_guidance.png")
     return table
-
-
-def _strip_confusion(node) -> None:
-    if isinstance(node, dict):
-        node.pop("confusion", None)
-        for v in node.values():
-            _strip_confusion(v)
 
 
 def report_lines(results: dict, num_prompts: int) -> list[str]:
     s = results["settings"]
     b = s["base_sampler"]
     lines = ["# Cascade evaluation", "",
-             f"{num_prompts} held-out prompts (`t2i.eval.shapes.heldout_prompts`), judged by the deterministic shapes "
-             f"oracle. Base: DDIM {b['steps']} steps, CFG {b['guidance_scale']:g}, thresholding {b['thresholding']}"
+             f"{num_prompts} prompts of combinations seen in training and {num_prompts} of combinations held out of it "
+             f"(`t2i.eval.shapes.eval_prompts`; the tables after the first use the seen ones), judged by the "
+             f"deterministic shapes oracle; accuracies with their 95% Wilson intervals. Base: DDIM {b['steps']} steps, CFG {b['guidance_scale']:g}, thresholding {b['thresholding']}"
              + "".join(f"; SR {i + 1}: DDIM {x['steps']} steps, CFG {x['guidance_scale']:g}"
-                       for i, x in enumerate(s["sr_samplers"])) + ".", "",
-             "| images | n | " + " | ".join(ATTRIBUTES) + " | all |", "|---" * (len(ATTRIBUTES) + 3) + "|"]
+                       for i, x in enumerate(s["sr_samplers"])) + ".", "", *header()]
     for key, value in results.items():
         if key.startswith(("base_", "cascade_")):
             name = "base model" if key.startswith("base") else "full cascade"
-            lines.append(_row(f"{name} ({key.rsplit('_', 1)[1]})", value))
+            resolution, split = key.rsplit("_", 2)[1:]
+            lines.append(row(f"{name} ({resolution}), {SPLIT_NAMES[split]}", value))
     table = results["guidance_x_thresholding"]
     cells = [k for k in table if k.startswith("cfg")]
     kinds = list(dict.fromkeys(k.split("_", 1)[1] for k in cells))
@@ -187,8 +192,9 @@ def report_lines(results: dict, num_prompts: int) -> list[str]:
                    f"|x| >= {SATURATED}) by guidance scale and thresholding:"), "",
               "| CFG scale | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for sc in scales:
-        row = [f"{100 * table[f'{sc}_{k}']['all']:.1f}% ({100 * table[f'{sc}_{k}']['saturated']:.1f}%)" for k in kinds]
-        lines.append(f"| {sc[3:]} | " + " | ".join(row) + " |")
+        cells = [f"{percent_with_interval(table[f'{sc}_{k}'])} ({100 * table[f'{sc}_{k}']['saturated']:.1f}%)"
+                 for k in kinds]
+        lines.append(f"| {sc[3:]} | " + " | ".join(cells) + " |")
     if "real_validation_images" in table:
         lines.append(f"\nReal validation images at {s['base_resolution']}px: "
                      f"{100 * table['real_validation_images']['saturated']:.1f}% saturated pixels (flat black and "
@@ -202,13 +208,15 @@ def report_lines(results: dict, num_prompts: int) -> list[str]:
         for key, v in t.items():
             if key.startswith("level"):
                 g, r = v["base_outputs"], v["real_low_res"]
-                lines.append(f"| {key[5:]} | {100 * g['all']:.1f}% | {g['psnr_to_input_db']:.2f} dB | "
-                             f"{100 * r['all']:.1f}% | {r['psnr_to_original_db']:.2f} dB | {r['psnr_to_input_db']:.2f} dB |")
+                lines.append(f"| {key[5:]} | {percent_with_interval(g)} | {g['psnr_to_input_db']:.2f} dB | "
+                             f"{percent_with_interval(r)} | {r['psnr_to_original_db']:.2f} dB | "
+                             f"{r['psnr_to_input_db']:.2f} dB |")
     if "classifier_guidance" in results:
         lines += ["", "Unconditional base model + classifier guidance (classes: shape and colour):", "",
                   "| scale | shape | color | shape and color |", "|---|---|---|---|"]
         for key, v in results["classifier_guidance"].items():
-            lines.append(f"| {key[5:]} | {100 * v['shape']:.1f}% | {100 * v['color']:.1f}% | "
-                         f"{100 * v['shape_and_color']:.1f}% |")
+            low, high = v["shape_and_color_ci95"]
+            lines.append(f"| {key[5:]} | {percent_with_interval(v, 'shape')} | {percent_with_interval(v, 'color')} "
+                         f"| {100 * v['shape_and_color']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] |")
     lines.append(f"\nEvaluation took {s['seconds']} s.")
     return lines

@@ -41,9 +41,11 @@ from t2i.data.shapes import (
     ShapeSpec,
     caption,
     coverage,
+    held_out_specs,
     parse_caption,
     random_specs,
 )
+from t2i.eval.intervals import wilson
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 FG_THRESHOLD = 40.0  # the closest colour/background pair (purple on gray) is ~95 apart
@@ -223,9 +225,10 @@ def judge_all(images: Iterable) -> list[dict]:
 def compare(verdicts: Sequence[dict], specs: Sequence[ShapeSpec]) -> dict:
     """Accuracy of verdicts against the specs they should show.
 
-    Returns {"n", "all", "shape", "color", "size", "position", "background", "confusion"}: accuracies
-    in [0, 1] ("all": every attribute right; None counts as wrong) and, per attribute,
-    confusion[attribute][expected][read] counts (a missing reading is keyed "none").
+    Returns {"n", "all", "shape", "color", "size", "position", "background", "ci95", "confusion"}: accuracies
+    in [0, 1] ("all": every attribute right; None counts as wrong), their 95% Wilson intervals
+    (ci95[attribute] = [low, high]) and, per attribute, confusion[attribute][expected][read] counts (a
+    missing reading is keyed "none").
     """
     if len(verdicts) != len(specs):
         raise ValueError(f"{len(verdicts)} images but {len(specs)} prompts")
@@ -243,8 +246,9 @@ def compare(verdicts: Sequence[dict], specs: Sequence[ShapeSpec]) -> dict:
             ok &= got == want
         all_right += ok
     div = float(n) if n else float("nan")
+    counts = {**right, "all": all_right}
     return {"n": n, "all": all_right / div, **{a: right[a] / div for a in ATTRIBUTES},
-            "confusion": confusion}
+            "ci95": {a: list(wilson(k, n)) for a, k in counts.items()}, "confusion": confusion}
 
 
 def score_specs(images: Iterable, specs: Sequence[ShapeSpec]) -> dict:
@@ -257,6 +261,27 @@ def score(images: Iterable, prompts: Sequence[str]) -> dict:
     return score_specs(images, [parse_caption(p) for p in prompts])
 
 
-def heldout_prompts(n: int, seed: int = 20_000) -> list[str]:
-    """`n` canonical prompts drawn deterministically (uniform over attributes) for evaluating generators."""
-    return [caption(spec) for spec in random_specs(n, seed)]
+PROMPT_SEED = 20_000
+SPLITS = ("seen", "unseen")
+
+
+def eval_specs(n: int, split: str = "seen", seed: int = PROMPT_SEED) -> list[ShapeSpec]:
+    """`n` specs for evaluating a generator, drawn deterministically: ``seen`` from the compositions the
+    training split shows (uniform outside `HELD_OUT`), ``unseen`` from the held-out ones only (`HELD_OUT`
+    triples, size and background uniform). Validation images are never copied: the prompts are new draws."""
+    if split == "seen":
+        return random_specs(n, seed, exclude_held_out=True)
+    if split == "unseen":
+        return held_out_specs(n, seed + 1)
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def eval_prompts(n: int, split: str = "seen", seed: int = PROMPT_SEED) -> list[str]:
+    """The canonical captions of `eval_specs`."""
+    return [caption(spec) for spec in eval_specs(n, split, seed)]
+
+
+def percent_with_interval(result: dict, attribute: str = "all") -> str:
+    """``95.5% [92.0, 97.6]``: an accuracy of `compare` with its 95% interval, for reports."""
+    low, high = result["ci95"][attribute]
+    return f"{100 * result[attribute]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"

@@ -1,4 +1,5 @@
-"""The evaluation step of the unCLIP recipe, stage by stage, on held-out shapes prompts:
+"""The evaluation step of the unCLIP recipe, stage by stage, on prompts of seen and of unseen (held out of
+training) combinations:
 
 - prior: cosine of its sampled image embeddings to the true ones (embeddings of the prompts' rendered
   images), beside the caption's text embedding and a shuffled pairing;
@@ -19,23 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from t2i.conditioning.lowres import downsample
-from t2i.data.shapes import caption, random_specs, render
+from t2i.data.shapes import caption, render
 from t2i.eval.ldm_report import real_images
-from t2i.eval.shapes import ATTRIBUTES, score, score_specs
+from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
+from t2i.eval.shapes import SPLITS, eval_specs, score, score_specs
 from t2i.exports import read_export
 from t2i.images import grid, save_png
 from t2i.pipelines.unclip import UnclipPipeline
 from t2i.pipelines.unclip_stages import clip_text_condition
 
-HELDOUT_SEED = 20_000  # as t2i.eval.shapes.heldout_prompts
-
 
 def _batched(fn, items, batch_size: int, seed: int) -> torch.Tensor:
     return torch.cat([fn(items[i: i + batch_size], seed + i) for i in range(0, len(items), batch_size)])
-
-
-def _row(name: str, s: dict) -> str:
-    return f"| {name} | {s['n']} | " + " | ".join(f"{100 * s[a]:.1f}%" for a in (*ATTRIBUTES, "all")) + " |"
 
 
 def psnr_of_batch(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,50 +49,22 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     pipe = UnclipPipeline.from_exports(prior, decoder, upsampler, device=device)
     st = pipe.settings
-    specs = random_specs(num_prompts, HELDOUT_SEED)
-    prompts = [caption(s) for s in specs]
-    rendered = torch.stack([torch.from_numpy(render(s)) for s in specs])
-    rendered = rendered.permute(0, 3, 1, 2).float() / 127.5 - 1  # the prompts' true images, 64px
-    true = pipe.embed_images(rendered).cpu()
     results: dict = {}
-
-    # prior
-    sampled = _batched(lambda p, s: pipe.prior(p, st.prior, seed=s, best_of=st.best_of).cpu(), prompts,
-                       batch_size, seed)
-    _, text_embed = clip_text_condition(pipe.prior.text_encoder, prompts)
-    results["prior_cosine"] = {"prior_sample": float((sampled * true).sum(-1).mean()),
-                               "text_embedding": float((text_embed.cpu() * true).sum(-1).mean()),
-                               "shuffled_pairing": float((true.roll(1, 0) * true).sum(-1).mean())}
-
-    # decoder from the true embeddings, and the full chain from the prior's
-    def decode(embeds: torch.Tensor, label: str) -> torch.Tensor:
-        small = torch.cat([pipe.decoder(embeds[i: i + batch_size], prompts[i: i + batch_size], st.decoder,
-                                        seed=seed + i + 1).cpu() for i in range(0, len(prompts), batch_size)])
-        results[f"{label}_{pipe.decoder.image_size}px"] = score_specs(small, specs)
-        return small
-
-    small_true, small_prior = decode(true, "decoder_true_embedding"), decode(sampled, "chain")
+    for split in SPLITS:
+        _evaluate_split(pipe, eval_specs(num_prompts, split), split, results, out, batch_size, seed)
     if pipe.upsampler is not None:
-        def up(x: torch.Tensor) -> torch.Tensor:
-            return _batched(lambda xs, s: pipe.upsample(xs.to(pipe.decoder.device), s).cpu(), x, batch_size, seed)
-
-        final = up(small_prior)  # the decoder itself is judged at its own resolution
         res = pipe.upsampler.image_size
-        results[f"chain_{res}px"] = score_specs(final, specs)
         real, captions = real_images(val_manifest, res, num_real)
         real = real.float() / 127.5 - 1
-        real_up = up(downsample(real, pipe.upsampler.low_res))
+        real_up = _upsample(pipe, downsample(real, pipe.upsampler.low_res), batch_size, seed)
         results["upsampler_on_real_low_res"] = {**score(real_up, captions), "psnr_db": psnr_of_batch(real_up, real)}
         results["oracle_on_real_validation"] = score(real, captions)
-    else:
-        final = small_prior
-    save_png(grid(final[:64], nrow=8), out / "heldout_chain.png")
-    save_png(grid(small_true[:64], nrow=8), out / "heldout_decoder_true_embedding.png")
-
     if sample_prompts:
         save_png(grid(pipe(sample_prompts, seed=seed).cpu(), nrow=min(8, len(sample_prompts))), out / "samples.png")
-    variations = pipe.variations(rendered[:8], seed=seed, num_variations=1).cpu()
-    save_png(grid(torch.cat([F.interpolate(rendered[:8], size=variations.shape[-2:], mode="area"), variations]),
+    rendered = torch.stack([torch.from_numpy(render(s)) for s in eval_specs(8, "seen")])
+    rendered = rendered.permute(0, 3, 1, 2).float() / 127.5 - 1
+    variations = pipe.variations(rendered, seed=seed, num_variations=1).cpu()
+    save_png(grid(torch.cat([F.interpolate(rendered, size=variations.shape[-2:], mode="area"), variations]),
                   nrow=8), out / "variations.png")
 
     clip_metrics = read_export(pipe.prior.config["model"]["text_encoder"]["export_dir"]).metrics
@@ -105,9 +73,7 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
                            "num_prompts": num_prompts, "prior_sampler": vars(st.prior),
                            "decoder_sampler": vars(st.decoder), "upsampler_sampler": vars(st.upsampler),
                            "best_of": st.best_of, "seconds": round(time.time() - start, 1)}
-    for value in results.values():
-        if isinstance(value, dict):
-            value.pop("confusion", None)
+    results = drop_confusion(results)
     (out / "report.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     lines = _report_lines(results, num_prompts)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -115,28 +81,63 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
     return results
 
 
+def _upsample(pipe: UnclipPipeline, x: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    return _batched(lambda xs, s: pipe.upsample(xs.to(pipe.decoder.device), s).cpu(), x, batch_size, seed)
+
+
+def _evaluate_split(pipe: UnclipPipeline, specs: list, split: str, results: dict, out: Path, batch_size: int,
+                    seed: int) -> None:
+    """The prior's cosines, the decoder from the true embeddings and the full chain on one split's prompts,
+    into ``results`` (keys suffixed with the split), and their sample grids."""
+    st = pipe.settings
+    prompts = [caption(s) for s in specs]
+    rendered = torch.stack([torch.from_numpy(render(s)) for s in specs])
+    rendered = rendered.permute(0, 3, 1, 2).float() / 127.5 - 1  # the prompts' true images, 64px
+    true = pipe.embed_images(rendered).cpu()
+    sampled = _batched(lambda p, s: pipe.prior(p, st.prior, seed=s, best_of=st.best_of).cpu(), prompts,
+                       batch_size, seed)
+    _, text_embed = clip_text_condition(pipe.prior.text_encoder, prompts)
+    results[f"prior_cosine_{split}"] = {"prior_sample": float((sampled * true).sum(-1).mean()),
+                                        "text_embedding": float((text_embed.cpu() * true).sum(-1).mean()),
+                                        "shuffled_pairing": float((true.roll(1, 0) * true).sum(-1).mean())}
+
+    def decode(embeds: torch.Tensor, label: str) -> torch.Tensor:
+        small = torch.cat([pipe.decoder(embeds[i: i + batch_size], prompts[i: i + batch_size], st.decoder,
+                                        seed=seed + i + 1).cpu() for i in range(0, len(prompts), batch_size)])
+        results[f"{label}_{pipe.decoder.image_size}px_{split}"] = score_specs(small, specs)
+        return small
+
+    small_true, final = decode(true, "decoder_true_embedding"), decode(sampled, "chain")
+    if pipe.upsampler is not None:  # the decoder itself is judged at its own resolution
+        final = _upsample(pipe, final, batch_size, seed)
+        results[f"chain_{pipe.upsampler.image_size}px_{split}"] = score_specs(final, specs)
+    save_png(grid(final[:64], nrow=8), out / f"{split}_chain.png")
+    save_png(grid(small_true[:64], nrow=8), out / f"{split}_decoder_true_embedding.png")
+
+
 def _report_lines(results: dict, num_prompts: int) -> list[str]:
     s = results["settings"]
-    cos = results["prior_cosine"]
-    intro = (f"{num_prompts} held-out prompts (`t2i.eval.shapes.heldout_prompts`), judged by the deterministic "
-             f"shapes oracle. Prior: DDIM {s['prior_sampler']['steps']} steps, CFG "
+    intro = (f"{num_prompts} prompts of combinations seen in training and {num_prompts} of combinations held out "
+             f"of it (`t2i.eval.shapes.eval_prompts`), judged by the deterministic shapes oracle; accuracies with "
+             f"their 95% Wilson intervals. Prior: DDIM {s['prior_sampler']['steps']} steps, CFG "
              f"{s['prior_sampler']['guidance_scale']:g}, best of {s['best_of']}; decoder: DDIM "
              f"{s['decoder_sampler']['steps']} steps, CFG {s['decoder_sampler']['guidance_scale']:g}; upsampler: "
              f"DDIM {s['upsampler_sampler']['steps']} steps.")
-    lines = ["# unCLIP evaluation", "", intro, "",
-             "| images | n | " + " | ".join(ATTRIBUTES) + " | all |", "|---" * (len(ATTRIBUTES) + 3) + "|"]
+    lines = ["# unCLIP evaluation", "", intro, "", *header()]
     names = {"oracle_on_real_validation": "real validation images (oracle sanity)",
              "upsampler_on_real_low_res": "upsampler on real low-res validation images (its ceiling)"}
     for key, value in results.items():
         if key.startswith(("decoder_true_embedding", "chain")):
             what = "decoder from TRUE image embeddings" if key.startswith("decoder") else "full chain: prompt -> prior -> decoder"
-            lines.append(_row(f"{what} ({key.rsplit('_', 1)[1]})", value))
+            resolution, split = key.rsplit("_", 2)[1:]
+            lines.append(row(f"{what} ({resolution}), {SPLIT_NAMES[split]}", value))
         elif key in names:
-            lines.append(_row(names[key], value))
-    lines += ["", "| prior: mean cosine to the true image embedding | value |", "|---|---|",
-              f"| prior samples | {cos['prior_sample']:.3f} |",
-              f"| baseline: the caption's CLIP text embedding | {cos['text_embedding']:.3f} |",
-              f"| baseline: shuffled pairing (another prompt's image embedding) | {cos['shuffled_pairing']:.3f} |"]
+            lines.append(row(names[key], value))
+    lines += ["", "| prior: mean cosine to the true image embedding | " + " | ".join(SPLITS) + " |", "|---|---|---|"]
+    for label, key in (("prior samples", "prior_sample"), ("baseline: the caption's CLIP text embedding",
+                                                           "text_embedding"),
+                       ("baseline: shuffled pairing (another prompt's image embedding)", "shuffled_pairing")):
+        lines.append(f"| {label} | " + " | ".join(f"{results[f'prior_cosine_{sp}'][key]:.3f}" for sp in SPLITS) + " |")
     if "upsampler_on_real_low_res" in results:
         lines.append(f"\nUpsampler PSNR on real validation images: {results['upsampler_on_real_low_res']['psnr_db']:.2f} dB.")
     if results.get("clip_retrieval"):
