@@ -97,14 +97,18 @@ def test_real_size_experiments_require_the_users_shards(experiment):
 
 
 def test_tiny_cpu_runs_use_bf16_only_where_the_cpu_has_it(monkeypatch):
-    """trainer=cpu picks its precision for the machine: bf16 autocast on a CPU without native bf16 (AVX2 only) ran
-    a tiny VAE step ~50x slower than fp32, so there it must be 32-true."""
+    """trainer=cpu picks its precision for the machine: bf16 instructions (AVX512-BF16 or AMX) give bf16-mixed;
+    AVX512 cores without them (oneDNN converts in software: 2.7x slower than fp32 for a tiny VAE step) and
+    AVX2-only CPUs (50x slower) give 32-true."""
     import torch
 
     from t2i.cli import config as config_module
 
-    for native, want in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+    for avx512_bf16, amx, onednn, want in ((True, False, True, "bf16-mixed"), (False, True, True, "bf16-mixed"),
+                                           (False, False, True, "32-true"), (False, False, False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=onednn: v)
         assert config_module.cpu_precision() == want
         assert config_module.compose_config(["experiment=tiny/vae"]).trainer.precision == want
     # GPU and real-size configs keep bf16 whatever the CPU
