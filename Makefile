@@ -56,7 +56,7 @@ lint: $(STAMP)  ## ruff
 bench: data  ## data-throughput and VAE-throughput benchmarks (prints figures)
 	$(PY) benchmarks/data_throughput.py
 
-claims: $(STAMP)  ## the papers' claims in miniature -> docs/claims.md (after train-ldm, train-imagen and train-unclip; ARGS="--only cfg --merge")
+claims: $(STAMP)  ## the papers' claims in miniature -> docs/claims.md (after train-ldm, -imagen, -unclip and -glide; ARGS="--only cfg --merge")
 	$(PY) benchmarks/claims.py $(ARGS)
 
 config-docs: $(STAMP)  ## regenerate docs/configuration.md from configs/ (ARGS=--check: fail if it is stale)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# docs/claims.md on one GPU, in one call of the device tool: the three tiny recipes' stages (their evaluation
+# docs/claims.md on one GPU, in one call of the device tool: the tiny recipes' stages (their evaluation
 # steps skipped) with every training stage on the GPU in bf16, then benchmarks/claims.py --device cuda.
 # On a 2-core CPU the same takes hours (AVX2-only hosts train in fp32); on a GPU it should take minutes: time it
 # with CLAIMS_BUDGET_S (the script stops starting new work past it). Carry the wheels the device image lacks in
@@ -32,9 +32,10 @@ ONLY=(ddim_ddpm cfg latent_pixel)
 if run_recipe imagen clip text_train text_val base sr classifier; then
   ONLY+=(thresholding noise_augmentation classifier_vs_cfg)
   run_recipe unclip embed_train embed_val prior decoder && ONLY+=(unclip_prior)
+  run_recipe glide base && ONLY+=(frozen_vs_joint)
 fi
 echo "== claims: ${ONLY[*]}"
 PLOTS=(); python3 -c "import matplotlib" 2>/dev/null || PLOTS=(--no-plots)  # then: claims.py --replot here
-python3 benchmarks/claims.py "${PLOTS[@]}" --device cuda --prompts 200 --minutes "${LATENT_PIXEL_MINUTES:-1}" --only "${ONLY[@]}" --out "$OUT/claims.md" \
+python3 benchmarks/claims.py "${PLOTS[@]}" --device cuda --prompts 300 --minutes "${LATENT_PIXEL_MINUTES:-1}" --only "${ONLY[@]}" --out "$OUT/claims.md" \
   2>&1 | grep -E "^\[claims\]|Error|error" | tail -20
 echo "total $(( $(date +%s) - START )) s"
