@@ -2,22 +2,26 @@
 what the paper says and its figure, measures the same comparison here (prompt alignment judged by the shapes
 oracle, domain FID on the tiny CLIP export's image features, wall time), and says whether we agree.
 
-    make train-ldm && make train-imagen && make train-unclip      # the exports (runs/...)
+    make train-ldm && make train-imagen && make train-unclip && make train-glide   # the exports (runs/...)
     python benchmarks/claims.py --prompts 200 --out docs/claims.md  # writes docs/claims.{md,json} + plots
 
 Claims measured here (``--only`` picks some; ``--merge`` keeps the other claims of an earlier ``--out`` page):
 
-- ``ddim_ddpm``: DDIM (η=0) against DDPM-like ancestral sampling (η=1) over 10/25/50/100/1000 steps
+- ``ddim_ddpm``: DDIM (η=0) against DDPM-like ancestral sampling (η=1) over 2/3/5/10/20/50/1000 steps
   (Song et al. 2021, Table 1).
-- ``cfg``: the classifier-free guidance scale sweep (Ho & Salimans 2022, Fig. 4 / Table 1).
+- ``cfg``: the classifier-free guidance scale sweep on seen and unseen combinations (Ho & Salimans 2022).
 - ``thresholding``: static against dynamic thresholding at high guidance on the Imagen base (Saharia et al. 2022).
 - ``latent_pixel``: the tiny LDM trained for equal wall time on latents and on pixels (Rombach et al. 2022).
 - ``noise_augmentation``: the SR stage trained with and without noise-conditioning augmentation (CDM, Imagen).
 - ``unclip_prior``: one unCLIP decoder given the caption alone, its CLIP text embedding, or the prior's image
-  embedding (Ramesh et al. 2022).
+  embedding, on seen and unseen combinations (Ramesh et al. 2022).
 - ``classifier_vs_cfg``: classifier guidance against classifier-free guidance on the Imagen base.
+- ``frozen_vs_joint``: the Imagen base (frozen CLIP text tower) against the GLIDE base (text encoder trained jointly)
+  on unseen combinations (Saharia et al. 2022).
 
-Every row is measured in this run; nothing is copied from earlier reports. Domain FID is comparable only within
+Every row is measured in this run; nothing is copied from earlier reports. Every accuracy carries its 95% Wilson
+interval and every domain FID a bootstrap interval over the generated images; each verdict follows the rule written
+beside its claim (agrees / does not agree / inconclusive: see claims_common). Domain FID is comparable only within
 one claim (same CLIP export, same real images): it is not the Inception FID of the papers.
 """
 
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the claims_* modules
 import torch
 from claims_common import Claim, Context
 from claims_plots import plot_claim
-from claims_sampling import cfg, classifier_vs_cfg, ddim_ddpm, thresholding, unclip_prior
+from claims_sampling import cfg, classifier_vs_cfg, ddim_ddpm, frozen_vs_joint, thresholding, unclip_prior
 from claims_training import latent_pixel, noise_augmentation
 
 from t2i.eval.fid import ClipImageFeatures
@@ -43,7 +47,7 @@ from t2i.eval.shapes import eval_prompts
 
 CLAIMS = {"ddim_ddpm": ddim_ddpm, "cfg": cfg, "thresholding": thresholding, "latent_pixel": latent_pixel,
           "noise_augmentation": noise_augmentation, "unclip_prior": unclip_prior,
-          "classifier_vs_cfg": classifier_vs_cfg}
+          "classifier_vs_cfg": classifier_vs_cfg, "frozen_vs_joint": frozen_vs_joint}
 
 
 def machine() -> str:
@@ -56,7 +60,11 @@ def markdown(claims: list[dict], prompts: int) -> str:
     lines = ["# The papers' claims, measured in miniature", "",
              ("Written by `benchmarks/claims.py`: every row below was measured by that script, each claim in one "
               f"run (its machine, date and wall time under its table). Shapes dataset, the tiny recipes' exports; "
-              f"{prompts} held-out prompts judged by the shapes oracle (`t2i.eval.shapes`); domain FID = Fréchet "
+              f"{prompts} prompts of combinations seen in training, and as many of combinations held out of it where "
+              f"a claim says (`t2i.eval.shapes.eval_prompts`), judged by the shapes oracle; every accuracy with its "
+              f"95% Wilson interval, every domain FID with a bootstrap interval over the generated images; each "
+              f"verdict follows the rule written beside its claim before measuring: agrees, does not agree, or "
+              f"inconclusive when a difference it needs is inside the intervals. Domain FID = Fréchet "
               "distance of the tiny CLIP export's L2-normalised image embeddings against 2,000 real validation "
               "images (comparable within one claim only, never with the papers' Inception FIDs: see "
               "[metrics](metrics.md)). Regenerate with `make claims` (`benchmarks/claims.py`) after the three recipes "
@@ -71,6 +79,7 @@ def markdown(claims: list[dict], prompts: int) -> str:
     for c in claims:
         lines += [f'<a id="{c["key"]}"></a>', "", f"## {c['title']}", "", f"**Paper:** {c['paper']}", "",
                   f"**Paper's figure:** {c['figure']}", "",
+                  *([f"**Rule:** {c['rule']}", ""] if c.get("rule") else []),
                   "| " + " | ".join(c["columns"]) + " |", "|" + "---|" * len(c["columns"])]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in c["rows"]]
         lines += ["", f"**Measured:** {c['verdict']}", ""]
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="runs/tiny-imagen-base/export")
     p.add_argument("--sr", default="runs/tiny-imagen-sr/export")
     p.add_argument("--classifier", default="runs/tiny-noisy-classifier/export")
+    p.add_argument("--glide-base", default="runs/tiny-glide-base/export", help="frozen_vs_joint: the GLIDE base")
     p.add_argument("--prior", default="runs/tiny-prior/export")
     p.add_argument("--decoder", default="runs/tiny-decoder/export")
     p.add_argument("--clip", default="runs/tiny-clip/export")
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", default="data/shapes/train", help="training shards of the claims that train")
     p.add_argument("--work", default="runs/claims", help="run folders of the claims that train")
     p.add_argument("--minutes", type=float, default=5.0, help="latent_pixel: training wall time of each model")
-    p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--prompts", type=int, default=300, help="prompts per row (and per split where a claim has two)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cuda: sample and train the training claims on one GPU")
@@ -128,10 +138,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"{args.prompts}")
         kept = {c["key"]: c for c in old["claims"]}
     torch.manual_seed(args.seed)
-    ctx = Context(eval_prompts(args.prompts, "seen"), args.val, args.train, ClipImageFeatures(args.clip),
-                  args.batch_size, args.seed, args.work, args.device)
+    ctx = Context(eval_prompts(args.prompts, "seen"), eval_prompts(args.prompts, "unseen"), args.val, args.train,
+                  ClipImageFeatures(args.clip), args.batch_size, args.seed, args.work, args.device)
     paths = {"ldm": args.ldm, "base": args.base, "sr": args.sr, "classifier": args.classifier,
-             "prior": args.prior, "decoder": args.decoder}
+             "prior": args.prior, "decoder": args.decoder, "glide_base": args.glide_base}
     for key in args.only or list(CLAIMS):
         start = time.time()
         claim: Claim = CLAIMS[key](ctx, work=args.work, minutes=args.minutes, **paths)

@@ -1,5 +1,10 @@
-"""What every claim of benchmarks/claims.py shares: the Claim record (the paper's words, its figure, our rows and
-verdict) and the measuring Context (held-out prompts, the shapes oracle, domain FID against real images)."""
+"""What every claim of benchmarks/claims.py shares: the Claim record (the paper's words, its figure, the rule its
+verdict follows, our rows and verdict), the measuring Context (prompts of seen and unseen combinations, the shapes
+oracle, domain FID against real images, each figure with its 95% interval) and the three-way verdict.
+
+A verdict follows the rule written beside the claim before anything is measured: every comparison the rule needs
+is decided only when the two figures' 95% intervals do not overlap. "Agrees" when each goes the paper's way,
+"Does not agree" when one goes against it, "Inconclusive" when a needed difference is inside the intervals."""
 
 from __future__ import annotations
 
@@ -10,9 +15,40 @@ import torch
 
 from t2i.eval.cascade_report import saturation
 from t2i.eval.fid import ClipImageFeatures, feature_stats
+from t2i.eval.frechet import FeatureStats
+from t2i.eval.intervals import bootstrap, overlap, wilson
 from t2i.eval.ldm_report import generate_for, real_images
 from t2i.eval.shapes import compare, judge_all, parse_caption
 from t2i.pipelines.sampling import SamplerSettings
+
+AGREES, DISAGREES, INCONCLUSIVE = "Agrees", "Does not agree", "Inconclusive"
+FID_RESAMPLES = 200  # bootstrap resamples of the generated images' features per domain FID
+
+
+def better(a: dict, b: dict, key: str, lower_is_better: bool = False) -> int:
+    """+1 when `a`'s figure `key` is better than `b`'s with their 95% intervals apart, -1 when worse, 0 when the
+    intervals overlap (a difference these samples do not resolve)."""
+    if overlap(a["ci"][key], b["ci"][key]):
+        return 0
+    sign = 1 if a[key] > b[key] else -1
+    return -sign if lower_is_better else sign
+
+
+def three_way(outcomes: list[int], any_suffices: bool = False) -> str:
+    """The verdict from the comparisons a claim's rule needs (each +1 the paper's way, -1 against it, 0 unresolved):
+    one against it is a disagreement; agreement needs every one (or, with `any_suffices`, one) the paper's way."""
+    if any(o < 0 for o in outcomes):
+        return DISAGREES
+    enough = any(o > 0 for o in outcomes) if any_suffices else outcomes and all(o > 0 for o in outcomes)
+    return AGREES if enough else INCONCLUSIVE
+
+
+def cell(m: dict, key: str) -> str:
+    """A measured figure with its 95% interval: accuracies in %, domain FID as is."""
+    low, high = m["ci"][key]
+    if key == "fid":
+        return f"{m[key]:.4f} [{low:.4f}, {high:.4f}]"
+    return f"{100 * m[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 @dataclass
@@ -22,6 +58,7 @@ class Claim:
     paper: str  # what the paper claims
     figure: str  # the paper's figure / table and its numbers
     columns: list[str]
+    rule: str = ""  # how the verdict is decided, written before measuring
     rows: list[list] = field(default_factory=list)
     verdict: str = ""
     data: dict = field(default_factory=dict)  # the measured numbers behind the rows (for plots and the JSON)
@@ -31,7 +68,8 @@ class Claim:
 
 @dataclass
 class Context:
-    prompts: list[str]
+    prompts: list[str]  # combinations seen in training
+    unseen: list[str]  # combinations held out of training
     val: str  # validation shards (real images for domain FID)
     train: str  # training shards (claims that train)
     clip: ClipImageFeatures
@@ -42,14 +80,23 @@ class Context:
     real_stats: dict = field(default_factory=dict)  # resolution -> FeatureStats of real validation images
     floors: dict = field(default_factory=dict)  # resolution -> domain FID of real training images (real_baseline)
     judged: set = field(default_factory=set)  # resolutions judged since the last real_baseline()
+    last_compare: dict = field(default_factory=dict)  # the last `judge`'s per-attribute accuracies
 
-    def fid(self, images: torch.Tensor) -> float:
+    def fid(self, images: torch.Tensor) -> tuple[float, tuple[float, float]]:
+        """Domain FID of `images` against the real validation statistics, and its bootstrap interval over the
+        generated images (the real statistics held fixed)."""
         res = images.shape[-1]
         if res not in self.real_stats:
             real, _ = real_images(self.val, res, 2000)
             self.real_stats[res] = feature_stats(self.clip, real, 256)
         self.judged.add(res)
-        return self.real_stats[res].distance(feature_stats(self.clip, images, 256))
+        features = torch.cat([self.clip(images[i: i + 256]).cpu() for i in range(0, len(images), 256)])
+        real = self.real_stats[res]
+
+        def distance(sample) -> float:
+            return real.distance(FeatureStats.of(torch.as_tensor(sample)))
+
+        return distance(features.numpy()), bootstrap(features.numpy(), distance, FID_RESAMPLES, seed=self.seed)
 
     def real_baseline(self) -> dict[int, float]:
         """Domain FID of as many real training images as there are prompts against the same real validation
@@ -68,19 +115,28 @@ class Context:
         scale = float(pipe.config["model"].get("sampler", {}).get("guidance_scale", 3.0))
         return SamplerSettings(steps=steps, eta=0.0, guidance_scale=scale)
 
-    def judge(self, images: torch.Tensor, seconds: float) -> dict:
+    def split(self, name: str) -> list[str]:
+        return {"seen": self.prompts, "unseen": self.unseen}[name]
+
+    def judge(self, images: torch.Tensor, seconds: float, prompts: list[str] | None = None) -> dict:
+        """Accuracy (all five attributes, shape, colour, shape and colour) and domain FID of images generated for
+        `prompts` (default: the seen ones), each with its 95% interval under ``ci``."""
+        prompts = self.prompts if prompts is None else prompts
         images = images.float().cpu()
         verdicts = judge_all(images)
-        specs = [parse_caption(p) for p in self.prompts]
-        s = compare(verdicts, specs)
-        shape_color = sum(v.get("shape") == sp.shape and v.get("color") == sp.color
-                          for v, sp in zip(verdicts, specs)) / len(specs)
-        return {"all": s["all"], "shape": s["shape"], "color": s["color"], "shape_color": shape_color,
-                "fid": self.fid(images), "seconds": seconds, "saturation": saturation(images)}
+        specs = [parse_caption(p) for p in prompts]
+        s = self.last_compare = compare(verdicts, specs)
+        both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
+        fid, fid_ci = self.fid(images)
+        return {"n": len(specs), "all": s["all"], "shape": s["shape"], "color": s["color"],
+                "shape_color": both / len(specs), "fid": fid, "seconds": seconds, "saturation": saturation(images),
+                "ci": {"all": s["ci95"]["all"], "shape": s["ci95"]["shape"], "color": s["ci95"]["color"],
+                       "shape_color": list(wilson(both, len(specs))), "fid": list(fid_ci)}}
 
-    def measure(self, pipe, settings: SamplerSettings) -> dict:
+    def measure(self, pipe, settings: SamplerSettings, split: str = "seen") -> dict:
+        prompts = self.split(split)
         start = time.time()
-        images = generate_for(pipe, self.prompts, settings, self.batch_size, self.seed)
+        images = generate_for(pipe, prompts, settings, self.batch_size, self.seed)
         if images.is_cuda:
             torch.cuda.synchronize()
-        return self.judge(images, time.time() - start)
+        return self.judge(images, time.time() - start, prompts)

@@ -1,6 +1,6 @@
 """One figure per claim of benchmarks/claims.py (matplotlib, written as PNG beside the claims page): the sweeps as
 lines over their axis (steps, guidance scale), the comparisons as bars; accuracy on the left, domain FID on the
-right, both measured in the same run as the table."""
+right, both measured in the same run as the table, with their 95% intervals as error bars."""
 
 from __future__ import annotations
 
@@ -26,12 +26,20 @@ def _split(key: str) -> tuple[str, float]:
     return head, float(tail)
 
 
+def _errors(points: list[dict], key: str, scale: float = 1.0) -> list[list[float]] | None:
+    """Matplotlib's (below, above) error lengths from each point's 95% interval (None for records without one)."""
+    if not all("ci" in m and key in m["ci"] for m in points):
+        return None
+    return [[scale * (m[key] - m["ci"][key][0]) for m in points], [scale * (m["ci"][key][1] - m[key]) for m in points]]
+
+
 def _lines(ax_acc, ax_fid, series: dict[str, list[tuple[float, dict]]], acc_key: str, xlabel: str, log: bool):
     for label, points in series.items():
         points = sorted(points, key=lambda p: p[0])
-        xs = [x for x, _ in points]
-        ax_acc.plot(xs, [100 * m[acc_key] for _, m in points], marker="o", label=label)
-        ax_fid.plot(xs, [m["fid"] for _, m in points], marker="o", label=label)
+        xs, ms = [x for x, _ in points], [m for _, m in points]
+        ax_acc.errorbar(xs, [100 * m[acc_key] for m in ms], yerr=_errors(ms, acc_key, 100), marker="o", capsize=3,
+                        label=label)
+        ax_fid.errorbar(xs, [m["fid"] for m in ms], yerr=_errors(ms, "fid"), marker="o", capsize=3, label=label)
     for ax in (ax_acc, ax_fid):
         ax.set_xlabel(xlabel)
         if log:
@@ -42,8 +50,9 @@ def _lines(ax_acc, ax_fid, series: dict[str, list[tuple[float, dict]]], acc_key:
 
 def _bars(ax_acc, ax_fid, data: dict[str, dict], acc_key: str):
     names = list(data)
-    ax_acc.barh(names, [100 * data[n][acc_key] for n in names], color="tab:blue")
-    ax_fid.barh(names, [data[n]["fid"] for n in names], color="tab:orange")
+    ms = [data[n] for n in names]
+    ax_acc.barh(names, [100 * m[acc_key] for m in ms], xerr=_errors(ms, acc_key, 100), capsize=3, color="tab:blue")
+    ax_fid.barh(names, [m["fid"] for m in ms], xerr=_errors(ms, "fid"), capsize=3, color="tab:orange")
     ax_fid.set_yticklabels([])
     for ax in (ax_acc, ax_fid):
         ax.invert_yaxis()
@@ -66,7 +75,8 @@ def plot_claim(claim: Claim, path: Path, page_dir: Path) -> str:
         series = {}
         for key, m in data.items():
             if claim.key == "cfg":
-                name, x = "classifier-free guidance", float(key)
+                split, scale = key.split(" ")
+                name, x = f"{split} combinations", float(scale)
             elif claim.key == "thresholding":
                 scale, mode = key.split(" ")
                 name, x = mode, float(scale)

@@ -3,7 +3,8 @@
 - ``latent_pixel``: the tiny LDM's UNet trained for the same wall time on the VAE's latents and on pixels
   (Rombach et al. 2022's efficiency claim);
 - ``noise_augmentation``: the tiny Imagen SR stage trained again with noise-conditioning augmentation off, at
-  the recipe's settings otherwise, against the recipe's SR stage (Ho et al. 2022, CDM; Saharia et al. 2022).
+  the recipe's settings otherwise, against the recipe's SR stage, on the samples of the recipe's base model and of
+  an early one (a tenth of its training) whose samples carry artefacts (Ho et al. 2022, CDM; Saharia et al. 2022).
 
 Each training runs in this process through ``t2i.cli.train`` with the recipe export's own config (data, parents,
 model), changed only where the claim says; the runs go under ``--work`` (default ``runs/claims``).
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from claims_common import Claim
+from claims_common import Claim, better, cell, three_way
 from omegaconf import OmegaConf
 
 from t2i.allowed_targets import check_run_config
@@ -110,8 +111,11 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
                   "Rombach et al. 2022, Section 4.1 and Fig. 6: class-conditional ImageNet, FID after equal training "
                   "steps; LDM-1 (pixels) far behind LDM-4 to LDM-16 throughout training; Fig. 7: LDM-4/8 also reach "
                   "better FID at higher sampling throughput.",
-                  ["space", "input", "steps in the budget", "wall s/step (start-up and export included)", "all-attribute accuracy", "shape accuracy",
-                   "domain FID", f"sampling s ({len(ctx.prompts)} prompts)"])
+                  ["space", "input", "steps in the budget", "wall s/step (start-up and export included)",
+                   "all-attribute accuracy", "shape accuracy", "domain FID", f"sampling s ({len(ctx.prompts)} prompts)"],
+                  rule="At equal training wall time, the latent model against the pixel model on all-attribute "
+                       "accuracy and on domain FID: agrees when the latent model is ahead on both (95% intervals "
+                       "apart), does not agree when behind on one, inconclusive otherwise.")
     results = {}
     for name, run_cfg in runs.items():
         trained = train_run(run_cfg)
@@ -121,15 +125,14 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
         shape = (f"{pipe.first_stage.latent_channels}x{res // pipe.first_stage.downsample_factor}²"
                  if pipe.first_stage is not None else f"3x{res}²")
         claim.rows.append([name, shape, trained["steps"], f"{trained['seconds'] / max(trained['steps'], 1):.2f}",
-                           f"{100 * m['all']:.1f}%", f"{100 * m['shape']:.1f}%", f"{m['fid']:.4f}",
-                           f"{m['seconds']:.1f}"])
+                           cell(m, "all"), cell(m, "shape"), cell(m, "fid"), f"{m['seconds']:.1f}"])
     lat, pix = results["latent"], results["pixel"]
     ratio = (pix["seconds"] / max(pix["steps"], 1)) / (lat["seconds"] / max(lat["steps"], 1))
-    agrees = lat["all"] > pix["all"] and lat["fid"] < pix["fid"]
-    claim.verdict = (f"{'Agrees' if agrees else 'Does not agree'}: in {minutes:g} minutes each, a pixel step cost "
+    outcomes = [better(lat, pix, "all"), better(lat, pix, "fid", lower_is_better=True)]
+    claim.verdict = (f"{three_way(outcomes)}: in {minutes:g} minutes each, a pixel step cost "
                      f"{ratio:.1f}x a latent step ({pix['steps']} against {lat['steps']} steps); the latent model "
-                     f"reached {100 * lat['all']:.1f}% all-attribute accuracy against {100 * pix['all']:.1f}% and "
-                     f"domain FID {lat['fid']:.3f} against {pix['fid']:.3f}; sampling the prompts took {pix['seconds_sampling']:.0f} s "
+                     f"reached {cell(lat, 'all')} all-attribute accuracy against {cell(pix, 'all')} and "
+                     f"domain FID {cell(lat, 'fid')} against {cell(pix, 'fid')}; sampling the prompts took {pix['seconds_sampling']:.0f} s "
                      f"in pixels against {lat['seconds_sampling']:.0f} s in latents. Not counted: the VAE's own training"
                      f"{' and the one-off latent encoding' if model['latents_from'] == 'batch' else ''} (the "
                      f"recipe's earlier steps), shared by every LDM trained on them.")
@@ -137,12 +140,20 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
     return claim
 
 
+EARLY_FRACTION = 0.1  # noise_augmentation: the early base model's share of the recipe's base training steps
+
+
 def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
-    """The recipe's SR stage against the same config trained with noise-conditioning augmentation off, each on
-    the base model's 16px outputs and on real downsampled validation images."""
+    """The recipe's SR stage against the same config trained with noise-conditioning augmentation off, each fed two
+    base models: the recipe's, and an early one (its first tenth of training, same schedule) whose samples carry
+    the artefacts the augmentation is meant to absorb; and each on real downsampled validation images."""
     cfg = export_config(sr)
+    base_steps = int(export_config(base)["trainer"]["max_steps"])
+    early_steps = max(1, round(EARLY_FRACTION * base_steps))
     trained = train_run(retrain_config(sr, f"{work}/sr_no_augmentation", **{
         "model.degradation.noise_prob": 0.0, "model.degradation.sample_noise_level": 0.0, **on_device(ctx.device)}))
+    early = train_run(retrain_config(base, f"{work}/base_early", **{"trainer.max_steps": early_steps,
+                                                                    **on_device(ctx.device)}))
     claim = Claim("noise_augmentation", "Noise-conditioning augmentation for the super-resolution stage",
                   "Conditioning augmentation (noising the low-resolution input in training, with the level given "
                   "to the network) makes the SR stage robust to the artefacts of the model below it: without it, "
@@ -150,40 +161,59 @@ def noise_augmentation(ctx, base: str, sr: str, work: str, **_):
                   "Ho et al. 2022 (Cascaded Diffusion Models), Section 4 ablations: Gaussian conditioning "
                   "augmentation is the most important ingredient for the 64→256 stage's FID; Saharia et al. 2022 "
                   "(Imagen), Section 2.5: used in all SR models, sampled at a fixed level (Imagen used ~0.2).",
-                  ["SR stage (trained)", "sampling level", "cascade all-attribute accuracy",
-                   "cascade domain FID (64px)", "PSNR to the 16px input", "real low-res: accuracy",
-                   "real low-res: PSNR to original"])
-    real, captions = real_images(ctx.val, 64, 200)
+                  ["base model", "SR stage (trained)", "sampling level", "cascade all-attribute accuracy",
+                   "cascade domain FID (64px)", "PSNR to the 16px input"],
+                  rule=f"On the early base model's samples ({early_steps} of {base_steps} steps: the artefacts the "
+                       "claim is about), the cascade with the augmented SR stage (at its trained sampling level) "
+                       "against the unaugmented one (at level 0), on domain FID and all-attribute accuracy: agrees "
+                       "when it is ahead on one at least and behind on neither (95% intervals apart), does not agree "
+                       "when behind on one, inconclusive otherwise. The recipe's base model's rows are shown beside.")
+    real, captions = real_images(ctx.val, 64, len(ctx.prompts))
     real = real.float() / 127.5 - 1
-    results, levels = {}, {}
-    small = None
-    for name, export in (("augmentation on (recipe)", sr), ("augmentation off", trained["export"])):
-        pipe = CascadePipeline.from_exports(base, [export], device=ctx.device)
-        up = pipe.upsamplers[0]
-        if small is None:  # the same base samples feed both SR stages
-            small = torch.cat([pipe.base(ctx.prompts[i: i + ctx.batch_size], pipe.settings.base, seed=ctx.seed + i)
-                               for i in range(0, len(ctx.prompts), ctx.batch_size)]).cpu()
-        real_low = downsample(real, up.low_res)
-        trained_level = levels[name] = float(up.net["degradation"].sample_noise_level)
-        for level in sorted({0.0, trained_level}):
-            def run(low, texts, up=up, settings=pipe.settings.sr[0], level=level):
-                return torch.cat([up(low[i: i + ctx.batch_size].to(up.device), settings, seed=ctx.seed + i,
-                                     prompts=texts[i: i + ctx.batch_size] if up.takes_text else None,
-                                     noise_level=level).cpu() for i in range(0, len(low), ctx.batch_size)])
-            gen, on_real = run(small, ctx.prompts), run(real_low, captions)
-            s, r = score(gen, ctx.prompts), score(on_real, captions)
-            row = {"all": s["all"], "fid": ctx.fid(gen), "psnr_input": psnr_of_batch(downsample(gen, up.low_res), small),
-                   "real_all": r["all"], "real_psnr": psnr_of_batch(on_real, real)}
-            results[(name, level)] = row
-            claim.rows.append([name, f"{level:g}", f"{100 * row['all']:.1f}%", f"{row['fid']:.4f}",
-                               f"{row['psnr_input']:.1f} dB", f"{100 * row['real_all']:.1f}%",
-                               f"{row['real_psnr']:.1f} dB"])
+    results, levels, on_real = {}, {}, {}
+    bases = ((f"early ({early_steps} steps)", early["export"]), (f"recipe ({base_steps} steps)", base))
+    for base_name, base_export in bases:
+        small = None
+        for name, export in (("augmentation on (recipe)", sr), ("augmentation off", trained["export"])):
+            pipe = CascadePipeline.from_exports(base_export, [export], device=ctx.device)
+            up = pipe.upsamplers[0]
+            if small is None:  # the same base samples feed both SR stages
+                small = torch.cat([pipe.base(ctx.prompts[i: i + ctx.batch_size], pipe.settings.base,
+                                             seed=ctx.seed + i) for i in range(0, len(ctx.prompts), ctx.batch_size)])
+                small = small.cpu()
+            trained_level = levels[name] = float(up.net["degradation"].sample_noise_level)
+            for level in sorted({0.0, trained_level}):
+                def run(low, texts, up=up, settings=pipe.settings.sr[0], level=level):
+                    return torch.cat([up(low[i: i + ctx.batch_size].to(up.device), settings, seed=ctx.seed + i,
+                                         prompts=texts[i: i + ctx.batch_size] if up.takes_text else None,
+                                         noise_level=level).cpu() for i in range(0, len(low), ctx.batch_size)])
+                gen = run(small, ctx.prompts)
+                row = {**ctx.judge(gen, 0.0), "psnr_input": psnr_of_batch(downsample(gen, up.low_res), small)}
+                results[(base_name, name, level)] = row
+                claim.rows.append([base_name, name, f"{level:g}", cell(row, "all"), cell(row, "fid"),
+                                   f"{row['psnr_input']:.1f} dB"])
+                if (name, level) not in on_real:  # real low-res inputs: the SR stage alone, once per setting
+                    up_real = run(downsample(real, up.low_res), captions)
+                    r = score(up_real, captions)
+                    on_real[(name, level)] = {"all": r["all"], "ci": {"all": r["ci95"]["all"]},
+                                              "psnr_db": psnr_of_batch(up_real, real)}
+    for (name, level), r in on_real.items():
+        claim.rows.append(["real low-res validation images", name, f"{level:g}", cell(r, "all"), "",
+                           f"{r['psnr_db']:.1f} dB to the originals"])
     on_level = levels["augmentation on (recipe)"]
-    on, off = results[("augmentation on (recipe)", on_level)], results[("augmentation off", 0.0)]
-    agrees = on["fid"] < off["fid"] and on["all"] >= off["all"]
-    claim.verdict = (f"{'Agrees' if agrees else 'Does not agree'}: on the base model's samples the cascade with "
-                     f"the augmented SR stage (sampled at its level {on_level:g}) scores {100 * on['all']:.1f}% (domain FID {on['fid']:.3f}) against "
-                     f"{100 * off['all']:.1f}% ({off['fid']:.3f}) without augmentation; both trained "
-                     f"{cfg['trainer']['max_steps']} steps (the unaugmented one in {trained['seconds']:.0f} s here).")
-    claim.data = {f"{n} @ {lv:g}": v for (n, lv), v in results.items()}
+    verdicts = {}
+    for base_name, _ in bases:
+        on, off = results[(base_name, "augmentation on (recipe)", on_level)], results[(base_name, "augmentation off",
+                                                                                     0.0)]
+        verdicts[base_name] = (on, off, [better(on, off, "fid", lower_is_better=True), better(on, off, "all")])
+    early_name = bases[0][0]
+    on, off, outcomes = verdicts[early_name]
+    claim.verdict = (f"{three_way(outcomes, any_suffices=True)}: " + "; ".join(
+        f"on the {b} base model's samples the cascade with the augmented SR stage (level {on_level:g}) scores "
+        f"{cell(v[0], 'all')} (domain FID {cell(v[0], 'fid')}) against {cell(v[1], 'all')} ({cell(v[1], 'fid')}) "
+        f"without augmentation" for b, v in verdicts.items()) + f". Both SR stages trained "
+        f"{cfg['trainer']['max_steps']} steps (the unaugmented one in {trained['seconds']:.0f} s here); the early "
+        f"base in {early['seconds']:.0f} s.")
+    claim.data = {**{f"{b} / {n} @ {lv:g}": v for (b, n, lv), v in results.items()},
+                  **{f"real low-res / {n} @ {lv:g}": v for (n, lv), v in on_real.items()}}
     return claim

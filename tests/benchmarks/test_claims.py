@@ -38,14 +38,33 @@ def test_claims_page_from_tiny_exports(tiny_ldm_export, tiny_clip_export, small_
     page = out.read_text()
     record = json.loads(out.with_suffix(".json").read_text())
     ddim, cfg = record["claims"]
-    assert [(r[0], r[1]) for r in ddim["rows"]] == [(s, e) for s in (10, 25, 50, 100, 1000) for e in (0.0, 1.0)]
-    assert [r[0] for r in cfg["rows"]] == [1.0, 1.5, 3.0, 5.0, 8.0]
+    assert [(r[0], r[1]) for r in ddim["rows"]] == [(s, e) for s in (2, 3, 5, 10, 20, 50, 1000) for e in (0.0, 1.0)]
+    assert [(r[0], r[1]) for r in cfg["rows"]] == [(sp, s) for sp in ("seen", "unseen") for s in (1, 1.5, 3, 5, 8)]
     for claim in (ddim, cfg):
-        assert claim["verdict"].startswith(("Agrees", "Does not agree"))
-        assert all(float(r[-1]) > 0 for r in claim["rows"])  # wall time measured
+        assert claim["verdict"].startswith(VERDICTS) and claim["rule"]
+        assert all(m["seconds"] > 0 for m in claim["data"].values())  # wall time measured
+        for m in claim["data"].values():  # every figure carries its 95% interval
+            assert m["n"] == 3 and m["ci"]["all"][0] <= m["all"] <= m["ci"]["all"][1]
+            assert m["ci"]["fid"][0] <= m["ci"]["fid"][1]
+    assert page.count("**Rule:**") == 2 and "% [" in page
     assert "Song et al. 2021, Table 1" in page and "Ho & Salimans 2022" in page and "**Measured:**" in page
     assert all(set(claim["baseline"]) == {"32"} for claim in (ddim, cfg))  # the real-data floor at the LDM's size
     assert page.count("Real-data floor: 3 real training images") == 2
+
+
+VERDICTS = ("Agrees:", "Does not agree:", "Inconclusive:")
+
+
+def test_three_way_verdicts_follow_the_intervals():
+    common = _module("claims_common")
+    a = {"all": 0.9, "fid": 0.1, "ci": {"all": [0.85, 0.94], "fid": [0.08, 0.12]}}
+    b = {"all": 0.7, "fid": 0.2, "ci": {"all": [0.62, 0.77], "fid": [0.11, 0.25]}}
+    assert common.better(a, b, "all") == 1 and common.better(b, a, "all") == -1
+    assert common.better(a, b, "fid", lower_is_better=True) == 0  # the FID intervals overlap
+    assert common.three_way([1, 1]) == "Agrees" and common.three_way([1, 0]) == "Inconclusive"
+    assert common.three_way([1, -1]) == "Does not agree" and common.three_way([]) == "Inconclusive"
+    assert common.three_way([1, 0], any_suffices=True) == "Agrees"
+    assert common.cell(a, "all") == "90.0% [85.0, 94.0]" and common.cell(a, "fid") == "0.1000 [0.0800, 0.1200]"
 
 
 def _module(name):
@@ -99,7 +118,7 @@ def test_latent_pixel_trains_both_for_the_same_wall_time(tiny_ldm_export, tiny_c
     pixel_export = read_export(tmp_path / "w" / "pixel" / "export")
     assert pixel_export.config["model"]["latents_from"] == "pixels"
     assert pixel_export.config["model"]["denoiser"]["in_channels"] == 3
-    assert claim["verdict"].startswith(("Agrees", "Does not agree")) and "Rombach et al. 2022" in out.read_text()
+    assert claim["verdict"].startswith(VERDICTS) and "Rombach et al. 2022" in out.read_text()
     assert (tmp_path / "images" / "claims_latent_pixel.png").stat().st_size > 1000
 
 
@@ -132,6 +151,7 @@ def cascade_and_unclip(small_shapes, clip_shards, tiny_clip_export, tmp_path_fac
         return str(train(compose_config(overrides)).export_dir)
 
     return {"base": run(base_overrides("glide", root / "base", small_shapes, tiny_clip_export, *one)),
+            "imagen_base": run(base_overrides("imagen", root / "imagen_base", small_shapes, tiny_clip_export, *one)),
             "sr": run(sr_overrides("glide", root / "sr", small_shapes, tiny_clip_export, *one)),
             "classifier": run(classifier_overrides(small_shapes, root / "classifier", *one)),
             "prior": run(prior_overrides(root / "prior", clip_shards, tiny_clip_export, *one)),
@@ -142,30 +162,39 @@ def test_cascade_unclip_and_guidance_claims_run_on_tiny_exports(cascade_and_uncl
                                                                  tmp_path, single_thread):
     e = cascade_and_unclip
     out = tmp_path / "claims.md"
-    _claims().main(["--base", e["base"], "--sr", e["sr"], "--classifier", e["classifier"], "--prior", e["prior"],
-                    "--decoder", e["decoder"], "--clip", str(tiny_clip_export), "--val", str(small_shapes / "val"),
-                    "--train", str(small_shapes / "train"), "--work", str(tmp_path / "w"), "--prompts", "2",
-                    "--batch-size", "2", "--only", "classifier_vs_cfg", "thresholding", "noise_augmentation", "unclip_prior",
-                    "--out", str(out)])
+    _claims().main(["--base", e["imagen_base"], "--glide-base", e["base"], "--sr", e["sr"], "--classifier",
+                    e["classifier"], "--prior", e["prior"], "--decoder", e["decoder"], "--clip", str(tiny_clip_export),
+                    "--val", str(small_shapes / "val"), "--train", str(small_shapes / "train"), "--work",
+                    str(tmp_path / "w"), "--prompts", "2", "--batch-size", "2", "--only", "classifier_vs_cfg",
+                    "thresholding", "noise_augmentation", "unclip_prior", "frozen_vs_joint", "--out", str(out)])
+    from t2i.exports import read_export
     record = {c["key"]: c for c in json.loads(out.with_suffix(".json").read_text())["claims"]}
-    assert list(record) == ["thresholding", "noise_augmentation", "unclip_prior", "classifier_vs_cfg"]  # page order
+    assert list(record) == ["thresholding", "noise_augmentation", "unclip_prior", "classifier_vs_cfg",
+                            "frozen_vs_joint"]  # page order
     assert [(r[0], r[1]) for r in record["thresholding"]["rows"][:-1]] == [
         (s, m) for s in (1.0, 5.0, 8.0) for m in ("none", "static", "dynamic")]
     noise = record["noise_augmentation"]
-    # the recipe's SR at levels 0 and its trained level, the retrained one (augmentation off) at 0 only
-    assert [(r[0], r[1]) for r in noise["rows"]] == [("augmentation on (recipe)", "0"),
-                                                     ("augmentation on (recipe)", "0.1"), ("augmentation off", "0")]
-    from t2i.exports import read_export
+    # on an early and the recipe's base: the recipe's SR at levels 0 and its trained level, the retrained one
+    # (augmentation off) at 0 only; then each on real low-res images
+    settings = [("augmentation on (recipe)", "0"), ("augmentation on (recipe)", "0.1"), ("augmentation off", "0")]
+    bases = ("early (120 steps)", "recipe (1200 steps)", "real low-res validation images")
+    assert [tuple(r[:3]) for r in noise["rows"]] == [(b, *x) for b in bases for x in settings]
+    early = read_export(tmp_path / "w" / "base_early" / "export")
+    assert early.config["trainer"]["max_steps"] == 120
     off = read_export(tmp_path / "w" / "sr_no_augmentation" / "export").config["model"]["degradation"]
     assert off["noise_prob"] == 0.0 and off["sample_noise_level"] == 0.0
-    assert [r[0] for r in record["unclip_prior"]["rows"]] == [
+    assert [(r[0], r[1]) for r in record["unclip_prior"]["rows"]] == [(split, name) for split in ("seen", "unseen") for name in (
         "caption only", "caption + CLIP text embedding", "caption + prior's image embedding (unCLIP)",
-        "caption + true image embedding (upper bound)"]
+        "caption + true image embedding (upper bound)")]
+    assert [(r[0], r[1]) for r in record["frozen_vs_joint"]["rows"]] == [
+        (split, name) for name in ("frozen CLIP text tower (Imagen)", "trained jointly (GLIDE)")
+        for split in ("seen", "unseen")]
     assert [(r[0], r[1]) for r in record["classifier_vs_cfg"]["rows"]] == [
         ("none (unconditional model)", 0.0), ("classifier", 3.0), ("classifier", 10.0), ("classifier", 30.0),
         ("classifier-free", 1.0), ("classifier-free", 3.0), ("classifier-free", 5.0)]
     for claim in record.values():
-        assert claim["verdict"].startswith(("Agrees", "Does not agree")) and claim["seconds"] > 0
+        assert claim["verdict"].startswith(VERDICTS) and claim["seconds"] > 0 and claim["rule"]
         assert (tmp_path / claim["plot"]).stat().st_size > 1000
     page = out.read_text()
     assert "Ramesh et al. 2022" in page and "Dhariwal & Nichol 2021" in page and "Cascaded Diffusion Models" in page
+    assert "Saharia et al. 2022 (Imagen), Sections 2.1 and 4.4" in page
