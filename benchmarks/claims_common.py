@@ -16,9 +16,9 @@ import torch
 from t2i.eval.cascade_report import saturation
 from t2i.eval.fid import ClipImageFeatures, feature_stats
 from t2i.eval.frechet import FeatureStats
-from t2i.eval.intervals import bootstrap, overlap, wilson
+from t2i.eval.intervals import bootstrap, overlap, percent, wilson
 from t2i.eval.ldm_report import generate_for, real_images
-from t2i.eval.shapes import compare, judge_all, parse_caption
+from t2i.eval.shapes import ATTRIBUTES, compare, judge_all, parse_caption
 from t2i.pipelines.sampling import SamplerSettings
 
 AGREES, DISAGREES, INCONCLUSIVE = "Agrees", "Does not agree", "Inconclusive"
@@ -45,10 +45,10 @@ def three_way(outcomes: list[int], any_suffices: bool = False) -> str:
 
 def cell(m: dict, key: str) -> str:
     """A measured figure with its 95% interval: accuracies in %, domain FID as is."""
-    low, high = m["ci"][key]
     if key == "fid":
+        low, high = m["ci"][key]
         return f"{m[key]:.4f} [{low:.4f}, {high:.4f}]"
-    return f"{100 * m[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return percent(m[key], m["ci"][key])
 
 
 @dataclass
@@ -80,7 +80,6 @@ class Context:
     real_stats: dict = field(default_factory=dict)  # resolution -> FeatureStats of real validation images
     floors: dict = field(default_factory=dict)  # resolution -> domain FID of real training images (real_baseline)
     judged: set = field(default_factory=set)  # resolutions judged since the last real_baseline()
-    last_compare: dict = field(default_factory=dict)  # the last `judge`'s per-attribute accuracies
 
     def fid(self, images: torch.Tensor) -> tuple[float, tuple[float, float]]:
         """Domain FID of `images` against the real validation statistics, and its bootstrap interval over the
@@ -119,19 +118,18 @@ class Context:
         return {"seen": self.prompts, "unseen": self.unseen}[name]
 
     def judge(self, images: torch.Tensor, seconds: float, prompts: list[str] | None = None) -> dict:
-        """Accuracy (all five attributes, shape, colour, shape and colour) and domain FID of images generated for
-        `prompts` (default: the seen ones), each with its 95% interval under ``ci``."""
+        """Accuracy (all five attributes, each attribute, shape and colour together) and domain FID of images
+        generated for `prompts` (default: the seen ones), each with its 95% interval under ``ci``."""
         prompts = self.prompts if prompts is None else prompts
         images = images.float().cpu()
         verdicts = judge_all(images)
         specs = [parse_caption(p) for p in prompts]
-        s = self.last_compare = compare(verdicts, specs)
+        s = compare(verdicts, specs)
         both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
         fid, fid_ci = self.fid(images)
-        return {"n": len(specs), "all": s["all"], "shape": s["shape"], "color": s["color"],
-                "shape_color": both / len(specs), "fid": fid, "seconds": seconds, "saturation": saturation(images),
-                "ci": {"all": s["ci95"]["all"], "shape": s["ci95"]["shape"], "color": s["ci95"]["color"],
-                       "shape_color": list(wilson(both, len(specs))), "fid": list(fid_ci)}}
+        return {"n": len(specs), **{a: s[a] for a in (*ATTRIBUTES, "all")}, "shape_color": both / len(specs),
+                "fid": fid, "seconds": seconds, "saturation": saturation(images),
+                "ci": {**s["ci95"], "shape_color": list(wilson(both, len(specs))), "fid": list(fid_ci)}}
 
     def measure(self, pipe, settings: SamplerSettings, split: str = "seen") -> dict:
         prompts = self.split(split)

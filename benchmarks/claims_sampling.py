@@ -9,10 +9,10 @@ import time
 import torch
 from claims_common import Claim, Context, better, cell, three_way
 
-from t2i.data.shapes import render
 from t2i.eval.cascade_report import saturation
 from t2i.eval.ldm_report import real_images
 from t2i.eval.shapes import parse_caption
+from t2i.eval.unclip_report import true_images
 from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline
 from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
@@ -47,10 +47,13 @@ def ddim_ddpm(ctx: Context, ldm: str, **_) -> Claim:
             claim.rows.append([steps, eta, cell(m, "all"), cell(m, "fid"), f"{m['seconds']:.1f}"])
     outcomes = {(s, key): better(results[(s, 0.0)], results[(s, 1.0)], key, lower_is_better=key == "fid")
                 for s in FEW_STEPS for key in ("all", "fid")}
-    ahead = [f"{s} steps ({'accuracy' if k == 'all' else 'FID'})" for (s, k), o in outcomes.items() if o > 0]
-    behind = [f"{s} steps ({'accuracy' if k == 'all' else 'FID'})" for (s, k), o in outcomes.items() if o < 0]
+
+    def where(sign: int) -> str:
+        return ", ".join(f"{s} steps ({'accuracy' if k == 'all' else 'FID'})"
+                         for (s, k), o in outcomes.items() if o == sign) or "none"
+
     claim.verdict = (f"{three_way(list(outcomes.values()), any_suffices=True)}: η=0 is ahead of η=1 at "
-                     f"{', '.join(ahead) or 'none'} and behind at {', '.join(behind) or 'none'} of the "
+                     f"{where(1)} and behind at {where(-1)} of the "
                      f"{len(outcomes)} comparisons at {', '.join(map(str, FEW_STEPS))} steps (95% intervals apart; "
                      f"guidance scale {scale:g}).")
     claim.data = {_key(s, e): m for (s, e), m in results.items()}
@@ -218,8 +221,7 @@ DIRECT_ROWS = ("caption only", "caption + CLIP text embedding")
 def _unclip_rows(ctx: Context, pipe: UnclipPipeline, prompts: list[str]) -> dict[str, dict]:
     """The one decoder on `prompts` under each conditioning, judged."""
     st = pipe.settings
-    rendered = torch.stack([torch.from_numpy(render(parse_caption(p))) for p in prompts])
-    true = pipe.embed_images(rendered.permute(0, 3, 1, 2).float() / 127.5 - 1).cpu()
+    true = pipe.embed_images(true_images([parse_caption(p) for p in prompts])).cpu()
 
     def decode(embeds_for) -> dict:
         start = time.time()
@@ -261,10 +263,7 @@ def frozen_vs_joint(ctx: Context, base: str, glide_base: str, **_) -> Claim:
         settings = SamplerSettings(**{k: v for k, v in pipe.config["model"]["sampler"].items()
                                       if k in SamplerSettings.__dataclass_fields__})
         for split in ("seen", "unseen"):
-            m = ctx.measure(pipe, settings, split)
-            m["position"] = ctx.last_compare["position"]
-            m["ci"]["position"] = ctx.last_compare["ci95"]["position"]
-            results[(split, name)] = m
+            results[(split, name)] = m = ctx.measure(pipe, settings, split)
             claim.rows.append([split, name, cell(m, "all"), cell(m, "position"), cell(m, "fid"),
                                f"{m['seconds']:.1f}"])
     frozen, joint = (results[("unseen", n)] for n in ("frozen CLIP text tower (Imagen)", "trained jointly (GLIDE)"))

@@ -104,8 +104,13 @@ def looks_complete(path: str | Path) -> bool:
         return zipfile.is_zipfile(path)
     if not is_zero_checkpoint(path):
         return False
-    files = sorted((path / (path / "latest").read_text().strip()).glob("*.pt"))
+    files = sorted(_zero_tag_dir(path).glob("*.pt"))
     return bool(files) and all(zipfile.is_zipfile(f) for f in files)
+
+
+def _zero_tag_dir(path: Path) -> Path:
+    """The tag folder (one file per rank) that a ZeRO checkpoint's ``latest`` names."""
+    return path / (path / "latest").read_text().strip()
 
 
 def _zip_problem(path: Path) -> str | None:
@@ -124,7 +129,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     if path.is_dir():
         if not is_zero_checkpoint(path):
             return f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest' file)"
-        tag_dir = path / (path / "latest").read_text().strip()
+        tag_dir = _zero_tag_dir(path)
         files = sorted(tag_dir.glob("*.pt"))
         if not files:
             return f"{tag_dir}: no checkpoint files (the save was interrupted)"

@@ -160,10 +160,10 @@ def scan_shard(tar_path: str | Path) -> tuple[int, str | None]:
                     key, _ = sample_key(member.name)
                     if not key.startswith("_") and key != last_key:
                         started, last_key = started + 1, key
-                if member.isfile() and member.offset_data + member.size > size:
-                    problem = (f"the data of {member.name} runs past the end of the file "
-                               f"({member.offset_data + member.size} > {size} bytes: cut inside a member)")
-                    break
+                    if member.offset_data + member.size > size:
+                        problem = (f"the data of {member.name} runs past the end of the file "
+                                   f"({member.offset_data + member.size} > {size} bytes: cut inside a member)")
+                        break
                 last_name = member.name
             else:
                 problem = _end_problem(tar_path, tar.offset, last_name)  # tarfile's offset: its next header

@@ -25,7 +25,7 @@ import torch
 
 from t2i.conditioning.lowres import downsample
 from t2i.data.shapes import caption
-from t2i.eval.intervals import wilson
+from t2i.eval.intervals import percent, wilson
 from t2i.eval.ldm_report import real_images
 from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
 from t2i.eval.shapes import SPLITS, compare, eval_specs, judge_all, percent_with_interval, score, score_specs
@@ -69,11 +69,12 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
         return _batched(lambda s: pipe.base(prompts[s], settings, seed=seed + s.start), num_prompts, batch_size)
 
     # the base model and the whole cascade at the trained settings, on seen and unseen combinations
-    seen_base = None
+    seen = None
     for split in SPLITS:
         specs = eval_specs(num_prompts, split)
         prompts = [caption(s) for s in specs]
         small = base_images(st.base, prompts)
+        seen = seen or (specs, prompts, small)
         results[f"base_{res0}px_{split}"] = score_specs(small, specs)
         final = small
         if pipe.upsamplers:
@@ -81,10 +82,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
                 small[s], prompts[s], seed=seed + s.start)[-1], num_prompts, batch_size)
             results[f"cascade_{pipe.image_size}px_{split}"] = score_specs(final, specs)
         save_png(grid(final[:64], nrow=8), out / f"{split}_cascade.png")
-        seen_base = small if split == "seen" else seen_base
-    # the tables below measure the sampler's settings on the seen prompts
-    specs = eval_specs(num_prompts, "seen")
-    prompts, small = [caption(s) for s in specs], seen_base
+    specs, prompts, small = seen  # the tables below measure the sampler's settings on the seen prompts
 
     # guidance scale x thresholding on the base model
     table_settings = replace(st.base, steps=table_steps or st.base.steps)
@@ -215,8 +213,7 @@ def report_lines(results: dict, num_prompts: int) -> list[str]:
         lines += ["", "Unconditional base model + classifier guidance (classes: shape and colour):", "",
                   "| scale | shape | color | shape and color |", "|---|---|---|---|"]
         for key, v in results["classifier_guidance"].items():
-            low, high = v["shape_and_color_ci95"]
             lines.append(f"| {key[5:]} | {percent_with_interval(v, 'shape')} | {percent_with_interval(v, 'color')} "
-                         f"| {100 * v['shape_and_color']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] |")
+                         f"| {percent(v['shape_and_color'], v['shape_and_color_ci95'])} |")
     lines.append(f"\nEvaluation took {s['seconds']} s.")
     return lines

@@ -5,6 +5,7 @@
 - `bootstrap`: any statistic of a sample (e.g. the Fréchet distance of generated features to the reference
   statistics), by resampling the sample with replacement and taking the percentiles.
 - `overlap`: whether two intervals share a point (a difference they do not resolve).
+- `percent`: a proportion with its interval, as printed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def bootstrap(sample: np.ndarray, statistic: Callable[[np.ndarray], float], resa
     tail = (1 - level) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def percent(value: float, interval) -> str:
+    """``95.5% [92.0, 97.6]``: a proportion with its interval, as the reports and the claims page print it."""
+    low, high = interval
+    return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:

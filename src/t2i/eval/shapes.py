@@ -45,7 +45,7 @@ from t2i.data.shapes import (
     parse_caption,
     random_specs,
 )
-from t2i.eval.intervals import wilson
+from t2i.eval.intervals import percent, wilson
 
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 FG_THRESHOLD = 40.0  # the closest colour/background pair (purple on gray) is ~95 apart
@@ -283,5 +283,4 @@ def eval_prompts(n: int, split: str = "seen", seed: int = PROMPT_SEED) -> list[s
 
 def percent_with_interval(result: dict, attribute: str = "all") -> str:
     """``95.5% [92.0, 97.6]``: an accuracy of `compare` with its 95% interval, for reports."""
-    low, high = result["ci95"][attribute]
-    return f"{100 * result[attribute]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return percent(result[attribute], result["ci95"][attribute])

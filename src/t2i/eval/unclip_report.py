@@ -61,8 +61,7 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
         results["oracle_on_real_validation"] = score(real, captions)
     if sample_prompts:
         save_png(grid(pipe(sample_prompts, seed=seed).cpu(), nrow=min(8, len(sample_prompts))), out / "samples.png")
-    rendered = torch.stack([torch.from_numpy(render(s)) for s in eval_specs(8, "seen")])
-    rendered = rendered.permute(0, 3, 1, 2).float() / 127.5 - 1
+    rendered = true_images(eval_specs(8, "seen"))
     variations = pipe.variations(rendered, seed=seed, num_variations=1).cpu()
     save_png(grid(torch.cat([F.interpolate(rendered, size=variations.shape[-2:], mode="area"), variations]),
                   nrow=8), out / "variations.png")
@@ -81,6 +80,11 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
     return results
 
 
+def true_images(specs) -> torch.Tensor:
+    """The specs' own renderings (the images their prompts describe): (B, 3, 64, 64) in [-1, 1]."""
+    return torch.stack([torch.from_numpy(render(s)) for s in specs]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def _upsample(pipe: UnclipPipeline, x: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
     return _batched(lambda xs, s: pipe.upsample(xs.to(pipe.decoder.device), s).cpu(), x, batch_size, seed)
 
@@ -91,9 +95,7 @@ def _evaluate_split(pipe: UnclipPipeline, specs: list, split: str, results: dict
     into ``results`` (keys suffixed with the split), and their sample grids."""
     st = pipe.settings
     prompts = [caption(s) for s in specs]
-    rendered = torch.stack([torch.from_numpy(render(s)) for s in specs])
-    rendered = rendered.permute(0, 3, 1, 2).float() / 127.5 - 1  # the prompts' true images, 64px
-    true = pipe.embed_images(rendered).cpu()
+    true = pipe.embed_images(true_images(specs)).cpu()
     sampled = _batched(lambda p, s: pipe.prior(p, st.prior, seed=s, best_of=st.best_of).cpu(), prompts,
                        batch_size, seed)
     _, text_embed = clip_text_condition(pipe.prior.text_encoder, prompts)

@@ -87,10 +87,9 @@ class AutoencoderStage(L.LightningModule):
             d_loss = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(x_rec.detach()))
             self._step(opts[1], d_loss)
             self.log("train/d_loss", d_loss)
-        scheds = self.lr_schedulers()
+        scheds = self.lr_schedulers() if not optimizer_step_skipped(self.trainer) else None
         for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
-            if not optimizer_step_skipped(self.trainer):
-                sched.step()
+            sched.step()
         self.log_dict({"train/loss": loss, "train/rec": nll, "train/kl": kl}, prog_bar=True)
         if self.grid_every_n_steps and self.global_step % self.grid_every_n_steps == 0:
             self._log_reconstructions(x, x_rec, "train/reconstructions")
