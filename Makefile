@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+STAMP  := $(VENV)/.installed-stamp   # t2i and what it needs to run: the training targets wait only for this
+DEV    := $(VENV)/.dev-stamp         # and the test suite's tools (diffusers, transformers, pytest, ruff)
 DATA   := data/shapes
 ARGS   ?=
 RECIPE ?= recipes/ldm.yaml
@@ -18,10 +19,14 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install t2i with its dev tools (once)
+$(DEV): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(DEV)
+
+install: $(DEV)  ## create .venv and install t2i with its dev tools (once)
 
 data: $(STAMP)  ## write the built-in shapes dataset to data/shapes (idempotent, ~10 s)
 	$(PY) data_prep/make_shapes.py --out $(DATA)
@@ -44,22 +49,22 @@ train-glide: $(STAMP)  ## GLIDE: shapes -> base 16px -> upsampler 64px, text enc
 generate: $(STAMP)  ## images from the last train-ldm: make generate PROMPT="a large red circle in the top left on a white background"
 	$(PY) -m t2i.cli.generate prompt="$(PROMPT)" $(ARGS)
 
-test: $(STAMP)  ## run the test suite (fast tests; CI runs this)
+test: $(DEV)  ## run the test suite (fast tests; CI runs this)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)  ## run the slow tests too
+test-slow: $(DEV)  ## run the slow tests too
 	$(PY) -m pytest -q -m "not gpu"
 
-lint: $(STAMP)  ## ruff
+lint: $(DEV)  ## ruff
 	$(VENV)/bin/ruff check src tests data_prep benchmarks
 
 bench: data  ## data-throughput and VAE-throughput benchmarks (prints figures)
 	$(PY) benchmarks/data_throughput.py
 
-claims: $(STAMP)  ## the papers' claims in miniature -> docs/claims.md (after train-ldm, -imagen, -unclip and -glide; ARGS="--only cfg --merge")
+claims: $(DEV)  ## the papers' claims in miniature -> docs/claims.md (after train-ldm, -imagen, -unclip and -glide; ARGS="--only cfg --merge")
 	$(PY) benchmarks/claims.py $(ARGS)
 
-config-docs: $(STAMP)  ## regenerate docs/configuration.md from configs/ (ARGS=--check: fail if it is stale)
+config-docs: $(DEV)  ## regenerate docs/configuration.md from configs/ (ARGS=--check: fail if it is stale)
 	$(PY) -m t2i.cli.config_reference $(ARGS)
 
 clean:  ## remove runs and generated data (keeps .venv)

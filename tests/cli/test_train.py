@@ -95,3 +95,35 @@ def test_training_draws_do_not_replay_the_weight_init_stream():
     init = torch.randn(16)
     L.seed_everything(training_seed(0, 0), verbose=False)
     assert not torch.allclose(init, torch.randn(16))
+
+
+def test_channels_last_trains_nhwc_and_exports_plain_tensors(small_shapes, tmp_path, monkeypatch):
+    """``channels_last=true``: the stage's convolution weights are NHWC while it trains; the export stores
+    ordinary contiguous tensors (safetensors refuses strided ones) that load like any other."""
+    import lightning as L
+    seen = {}
+    fit = L.Trainer.fit
+
+    def spy(self, model, *args, **kwargs):
+        conv = model.autoencoder.encoder.conv_in.weight
+        seen["nhwc"] = conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        return fit(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    result = train(compose_config(tiny_overrides(small_shapes, tmp_path / "run", "trainer.max_steps=2",
+                                                 "channels_last=true", "final_validation=false")))
+    assert seen["nhwc"]
+    weights = load_file(result.export_dir / "model.safetensors")
+    assert all(t.is_contiguous() for t in weights.values())
+
+
+def test_autoencoder_lr_schedule_steps_once_per_step(small_shapes, tmp_path):
+    """The VAE's optional schedule (manual optimization steps it itself) advances once per training step."""
+    schedule = ("model.lr_scheduler={_target_: t2i.stages.lr.warmup_cosine, _partial_: true, warmup_steps: 2, "
+                "total_steps: 4, min_ratio: 0.1}")
+    result = train(compose_config(tiny_overrides(small_shapes, tmp_path / "run", "trainer.max_steps=4", schedule,
+                                                 "final_validation=false", "export=false")))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
+    lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert abs(lr - 1e-3 * 0.1) < 1e-9  # the end of the cosine: min_ratio of the base rate

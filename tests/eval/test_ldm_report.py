@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from t2i.eval.ldm_report import evaluate_ldm
-from t2i.eval.shapes import ATTRIBUTES
+from t2i.eval.ldm_report import evaluate_ldm, summary_lines
+from t2i.eval.shapes import ATTRIBUTES, percent_with_interval
 
 
 def test_the_report_gives_seen_and_unseen_accuracy_with_intervals(tiny_ldm_export, small_shapes, tmp_path):
@@ -26,3 +26,18 @@ def test_the_report_gives_seen_and_unseen_accuracy_with_intervals(tiny_ldm_expor
     assert report.count("unseen combinations (held out of training)") == 2
     assert report.count("seen combinations") == 4 and "%  [" not in report and "% [" in report
     assert (out / "unseen_cfg1.png").is_file() and (out / "seen_cfg1.png").is_file()
+    seen, unseen = (percent_with_interval(results[f"cfg{scale:g}_{split}"]) for split in ("seen", "unseen"))
+    assert saved["summary"] == results["summary"] == [
+        f"alignment, seen combinations: all five attributes {seen} at CFG scale {scale:g}, n=3",
+        (f"alignment, unseen combinations (held out of training): all five attributes {unseen} at CFG scale "
+         f"{scale:g}, n=3"),
+        f"report: {out / 'report.md'}"]
+
+
+def test_the_summary_names_the_samples_when_there_are_some(tmp_path):
+    result = {"all": 0.5, "ci95": {"all": (0.25, 0.75)}, "n": 8}
+    lines = summary_lines({"cfg3_seen": result, "cfg3_unseen": result}, tmp_path, 3.0, samples=True)
+    assert lines == ["alignment, seen combinations: all five attributes 50.0% [25.0, 75.0] at CFG scale 3, n=8",
+                     ("alignment, unseen combinations (held out of training): all five attributes 50.0% "
+                      "[25.0, 75.0] at CFG scale 3, n=8"),
+                     f"samples: {tmp_path / 'samples.png'}", f"report: {tmp_path / 'report.md'}"]

@@ -12,6 +12,14 @@ exists and was trained from the same config (hash in stage.json, parents include
 Before anything runs the whole plan is decided and printed, one line per step: each training stage's config
 composed and hashed, and whether it trains (no export yet), retrains (its export is from another config),
 trains from scratch (``--force``) or is skipped. ``--plan`` prints it and runs nothing.
+
+Timing (`t2i.cli.recipe_progress`): a step may give ``expect: {seconds: ..., step_seconds: ...}``, its wall
+seconds (and a training stage's seconds per step) on the machine the recipe's ``reference_machine:`` names.
+After the plan the runner prints how long the steps that will run took there; once the first training stage
+that runs has timed its first steps (its ``progress.json``), how long the job will take on this machine and
+when it will be done. At the end it prints a summary: every step's time, the metrics each training stage
+names in ``summary_metrics:`` (from its export's stage.json), and the lines a ``call`` step returns under
+``"summary"``.
 """
 
 from __future__ import annotations
@@ -23,16 +31,27 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
 
+from t2i.callbacks.step_timing import PROGRESS
 from t2i.cli.config import compose_config
+from t2i.cli.recipe_progress import (
+    Outcome,
+    estimate_remaining,
+    format_summary,
+    measured_line,
+    read_progress,
+    reference_line,
+    stage_details,
+)
 from t2i.exports import STAGE, ExportError, config_hash
 
 STAGE_REF = re.compile(r"\$\{stage:([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
+POLL_SECONDS = 2.0  # how often a running training stage's progress.json is looked for
 
 
 class RecipeError(RuntimeError):
@@ -60,6 +79,8 @@ class PlannedStep:
     argv: tuple[str, ...] = ()  # the command line of a training stage or command step
     function: str = ""  # a call step's module:function
     kwargs: dict = field(default_factory=dict)  # and its arguments
+    expect: dict = field(default_factory=dict)  # seconds (and step_seconds) on the reference machine
+    summary_metrics: tuple[str, ...] = ()  # a training stage's export metrics shown in the summary
 
     def line(self) -> str:
         return f"{self.name}: {self.reason}"
@@ -89,6 +110,30 @@ def _saved_hash(info: Path) -> str | None:
                           f"export or pass --force to retrain it") from e
 
 
+def _export_metrics(info: Path) -> dict:
+    """The metrics an export's stage.json records ({} when there are none to read)."""
+    try:
+        metrics = json.loads(info.read_text(encoding="utf-8")).get("metrics")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _check_timing_keys(path: Path, step: dict) -> None:
+    """``expect`` and ``summary_metrics`` well formed, so that a typo fails before anything runs."""
+    name, train = step["name"], step.get("kind", "train") == "train"
+    expect = step.get("expect") or {}
+    allowed = {"seconds", "step_seconds"} if train else {"seconds"}
+    if not isinstance(expect, dict) or set(expect) - allowed or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in expect.values()):
+        raise RecipeError(f"{path}: step {name!r}: expect must map {' and '.join(sorted(allowed))} to positive "
+                          f"numbers of seconds, not {expect!r}")
+    metrics = step.get("summary_metrics") or []
+    if metrics and (not train or not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)):
+        raise RecipeError(f"{path}: step {name!r}: summary_metrics must be a list of metric names of a training "
+                          f"stage, not {metrics!r}")
+
+
 class RecipeRunner:
     def __init__(self, recipe_path: str | Path, overrides: list[str] = (), force: tuple[str, ...] = ()):
         self.path = Path(recipe_path)
@@ -99,12 +144,16 @@ class RecipeRunner:
         names = [s["name"] for s in self.steps]
         if len(set(names)) != len(names):
             raise RecipeError(f"{self.path}: step names must be unique: {names}")
+        for step in self.steps:
+            _check_timing_keys(self.path, step)
+        self.reference_machine = self.recipe.get("reference_machine")
         self.stage_overrides, self.global_overrides = self._split_overrides(list(overrides), names)
         unknown = sorted(set(force) - {s["name"] for s in self.steps if s.get("kind", "train") == "train"})
         if unknown:
             raise RecipeError(f"{self.path}: --force {unknown} names no training stage; the steps are {names}")
         self.force = set(force)
         self.exports: dict[str, dict] = {}  # stage name -> {"export": path, "hash": config hash}
+        self._started: float | None = None  # when `run` began: the estimate's elapsed time counts from it
 
     @staticmethod
     def _split_overrides(overrides: list[str], names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -151,20 +200,52 @@ class RecipeRunner:
             name = step["name"]
             if only and name != only and kinds[name] != "train":
                 continue
-            planned.append(self._plan_step(step, run=(only is None or only == name)))
+            planned.append(replace(self._plan_step(step, run=(only is None or only == name)),
+                                   expect=dict(step.get("expect") or {}),
+                                   summary_metrics=tuple(step.get("summary_metrics") or ())))
             if only == name:
                 break
         return planned
 
+    def reference_line(self, planned: list[PlannedStep]) -> str | None:
+        """How long the steps that will run took on the reference machine; None when the recipe gives no
+        reference times."""
+        if not self.reference_machine and not any(p.expect for p in planned):
+            return None
+        expected = {p.name: p.expect.get("seconds") for p in planned if p.action != SKIP}
+        return reference_line(self.reference_machine, expected,
+                              trains=any(p.kind == "train" and p.action != SKIP for p in planned))
+
     def run(self, only: str | None = None) -> dict[str, dict]:
         planned = self.plan(only)
         print(format_plan(self.path, planned), flush=True)
-        for step in planned:
+        line = self.reference_line(planned)
+        if line:
+            print(line, flush=True)
+        self._started = time.time()
+        # the first training stage that runs measures this machine's speed for the whole job's estimate
+        timed = next((p.name for p in planned if p.kind == "train" and p.action != SKIP), None)
+        outcomes, summary = [], []
+        for i, step in enumerate(planned):
             start = time.time()
             print(f"\n[recipe] ===== {step.name} ({step.kind}) =====", flush=True)
-            self._execute(step)
-            print(f"[recipe] {step.name}: {time.time() - start:.0f}s", flush=True)
+            later = {p.name: p.expect.get("seconds") for p in planned[i + 1:] if p.action != SKIP}
+            result = self._execute(step, later if step.name == timed else None)
+            seconds = time.time() - start
+            print(f"[recipe] {step.name}: {seconds:.0f}s", flush=True)
+            outcomes.append(self._outcome(step, seconds, start))
+            if isinstance(result, dict) and isinstance(result.get("summary"), list):
+                summary += [str(s) for s in result["summary"]]
+        print("\n" + format_summary(self.path, outcomes, summary), flush=True)
         return self.exports
+
+    def _outcome(self, step: PlannedStep, seconds: float, start: float) -> Outcome:
+        if step.kind != "train":
+            return Outcome(step.name, step.action, seconds)
+        progress = read_progress(step.run_dir / PROGRESS, start) if step.action != SKIP else None
+        details = stage_details(progress["step_seconds"] if progress else None,
+                                _export_metrics(step.export / STAGE), step.summary_metrics)
+        return Outcome(step.name, step.action, seconds, details)
 
     def stage_config(self, step: dict) -> tuple[list[str], dict]:
         early = [n for n in step.get("parents", []) if n not in self.exports]
@@ -220,12 +301,14 @@ class RecipeRunner:
         return PlannedStep(name, "train", action, reason, config_hash=digest, saved_hash=saved, export=export,
                            run_dir=run_dir, argv=argv)
 
-    def _execute(self, step: PlannedStep) -> None:
+    def _execute(self, step: PlannedStep, later: dict[str, float | None] | None = None):
+        """Run one step; a call step's return value is returned. `later` (the steps after it that will run, with
+        their reference seconds) makes a training stage print the job's estimate from its measured speed."""
         if step.action == SKIP:
             print(f"[recipe] {step.name}: up to date, skipped", flush=True)
         elif step.kind == "train":
             print("[recipe] $ " + " ".join(step.argv), flush=True)
-            if subprocess.run(list(step.argv), check=False).returncode != 0:
+            if self._run_stage(step, later) != 0:
                 raise RecipeError(f"stage {step.name!r} failed (see its output above); rerun the recipe to "
                                   f"resume it from {step.run_dir}/checkpoints/last.ckpt")
             if not (step.export / STAGE).is_file():
@@ -236,7 +319,44 @@ class RecipeRunner:
                 raise RecipeError(f"step {step.name!r} failed: {' '.join(step.argv)}")
         else:
             module_name, func_name = step.function.split(":")
-            getattr(importlib.import_module(module_name), func_name)(**step.kwargs)
+            return getattr(importlib.import_module(module_name), func_name)(**step.kwargs)
+        return None
+
+    def _run_stage(self, step: PlannedStep, later: dict[str, float | None] | None) -> int:
+        """Run a training stage's subprocess (its output goes to ours) and return its exit status. With `later`,
+        print the job's estimate once the stage's progress.json appears (or when it ends, if it ends first)."""
+        progress = step.run_dir / PROGRESS
+        progress.unlink(missing_ok=True)  # an earlier run's file holds another run's speed
+        launched = time.time()
+        with subprocess.Popen(list(step.argv)) as process:
+            try:
+                while True:
+                    try:
+                        returncode = process.wait(timeout=POLL_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        if later is not None and self._print_estimate(step, progress, launched, later):
+                            later = None
+                        continue
+                    if returncode == 0 and later is not None:
+                        self._print_estimate(step, progress, launched, later)
+                    return returncode
+            except BaseException:  # as subprocess.run does: a Ctrl-C or an error here leaves no stage running
+                process.kill()
+                raise
+
+    def _print_estimate(self, step: PlannedStep, progress: Path, launched: float,
+                        later: dict[str, float | None]) -> bool:
+        info = read_progress(progress, launched)
+        if info is None:
+            return False
+        reference = step.expect.get("step_seconds")
+        estimate = estimate_remaining(step.name, int(info["step"]), int(info["max_steps"]), info["step_seconds"],
+                                      reference, later)
+        now = time.time()
+        # on a line of its own: the stage's progress bar leaves the cursor at the end of its line
+        print("\n" + measured_line(step.name, info["step_seconds"], reference, estimate,
+                                   elapsed=now - (self._started or launched), now=now), flush=True)
+        return True
 
 
 def _parse_kv(items: list[str]) -> dict:
@@ -256,7 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runner = RecipeRunner(args.recipe, args.overrides, tuple(args.force))
         if args.plan:
-            print(format_plan(runner.path, runner.plan(args.only)))
+            planned = runner.plan(args.only)
+            print(format_plan(runner.path, planned))
+            line = runner.reference_line(planned)
+            if line:
+                print(line)
         else:
             runner.run(args.only)
     except (RecipeError, ExportError) as e:

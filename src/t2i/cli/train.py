@@ -26,6 +26,7 @@ from t2i.callbacks.final_checkpoint import FinalCheckpoint
 from t2i.callbacks.preemption import Preempted, PreemptionCheckpoint
 from t2i.callbacks.rng_state import RngStateCallback
 from t2i.callbacks.stage_tag import StageTag
+from t2i.callbacks.step_timing import StepTiming
 from t2i.checkpoint_files import checkpoint_problem
 from t2i.checkpointing import (
     AtomicCheckpointIO,
@@ -79,7 +80,8 @@ def is_deepspeed(strategy) -> bool:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    callbacks += [RngStateCallback(cfg.seed), StageTag(), FinalCheckpoint(last)]
+    # StepTiming's progress.json is what the recipe runner estimates the job's duration from
+    callbacks += [RngStateCallback(cfg.seed), StageTag(), FinalCheckpoint(last), StepTiming()]
     if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
         callbacks.append(PreemptionCheckpoint(str(last)))
     if cfg.trainer.get("enable_progress_bar", True) is not False and \
@@ -120,6 +122,8 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer = build_trainer(cfg, run_dir)
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
+    if cfg.get("channels_last", False):  # 4-D weights only; the convolutions then keep activations NHWC
+        model = model.to(memory_format=torch.channels_last)
     if trainer.accumulate_grad_batches > 1 and not model.automatic_optimization:
         raise ValueError(f"gradient accumulation ({trainer.accumulate_grad_batches} batches per step, from "
                          f"global_batch_size or trainer.accumulate_grad_batches) is not supported by the "

@@ -2,7 +2,9 @@
 and of unseen (held out of training) combinations, judged by the shapes oracle, beside the oracle's own
 accuracy on real validation images.
 
-Writes ``report.md`` and ``report.json`` (and a grid of samples for the fixed prompts) into `out_dir`.
+Writes ``report.md`` and ``report.json`` (and a grid of samples for the fixed prompts) into `out_dir`, and returns
+the results with a short ``"summary"`` (the headline accuracies and where the files are) that the recipe
+runner prints at the end of the run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from t2i.data.decode import DecodeConfig, decode_image
 from t2i.data.manifest import load_manifest
 from t2i.data.tar_reader import read_samples
 from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
-from t2i.eval.shapes import SPLITS, eval_prompts, score
+from t2i.eval.shapes import SPLITS, eval_prompts, percent_with_interval, score
 from t2i.images import grid, save_png
 from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
@@ -43,6 +45,17 @@ def generate_for(pipe: LatentDiffusionPipeline, prompts: list[str], settings: Sa
                  batch_size: int, seed: int) -> torch.Tensor:
     out = [pipe(prompts[i: i + batch_size], settings, seed=seed + i) for i in range(0, len(prompts), batch_size)]
     return torch.cat(out)
+
+
+def summary_lines(results: dict, out: Path, scale: float, samples: bool) -> list[str]:
+    """Per split, all five attributes right at the trained CFG scale with its 95% interval and n; then where the
+    samples and the report are."""
+    lines = []
+    for split in SPLITS:
+        result = results[f"cfg{scale:g}_{split}"]
+        lines.append(f"alignment, {SPLIT_NAMES[split]}: all five attributes {percent_with_interval(result)} at CFG "
+                     f"scale {scale:g}, n={result['n']}")
+    return [*lines, *([f"samples: {out / 'samples.png'}"] if samples else []), f"report: {out / 'report.md'}"]
 
 
 def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int = 200, steps: int = 50,
@@ -79,6 +92,7 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     results["settings"] = {"export": str(export), "num_prompts": num_prompts, "steps": steps, "eta": eta,
                            "guidance_scale": scale, "resolution": res, "seconds": round(time.time() - start, 1)}
     results = drop_confusion(results)
+    results["summary"] = summary_lines(results, out, scale, samples=bool(sample_prompts))
     (out / "report.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     intro = (f"Export: `{export}`; {num_prompts} prompts of combinations seen in training and {num_prompts} of "
              f"combinations held out of it (`t2i.eval.shapes.eval_prompts`), DDIM {steps} steps (eta {eta}), "

@@ -32,7 +32,7 @@ class AutoencoderStage(L.LightningModule):
                  lpips: torch.nn.Module | None = None, rec_loss: str = "l1", kl_weight: float = 1e-6,
                  foreground_weight: float = 1.0, lpips_weight: float = 1.0, disc_weight: float = 0.5,
                  disc_start: int = 50_001, grad_clip: float | None = 1.0, grid_every_n_steps: int = 500,
-                 samples_dir: str | None = None):
+                 samples_dir: str | None = None, lr_scheduler: partial | None = None):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
@@ -40,6 +40,7 @@ class AutoencoderStage(L.LightningModule):
             raise ValueError("discriminator and disc_optimizer must be given together")
         self.autoencoder, self.discriminator, self.lpips = autoencoder, discriminator, lpips
         self.optimizer_factory, self.disc_optimizer_factory = optimizer, disc_optimizer
+        self.lr_scheduler_factory = lr_scheduler  # the autoencoder's optimizer only (the discriminator's stays)
         self.rec_loss, self.kl_weight, self.foreground_weight = rec_loss, kl_weight, foreground_weight
         self.lpips_weight, self.disc_weight, self.disc_start = lpips_weight, disc_weight, disc_start
         self.grad_clip, self.grid_every_n_steps, self.samples_dir = grad_clip, grid_every_n_steps, samples_dir
@@ -50,7 +51,9 @@ class AutoencoderStage(L.LightningModule):
         opts = [self.optimizer_factory(self.autoencoder.parameters())]
         if self.discriminator is not None:
             opts.append(self.disc_optimizer_factory(self.discriminator.parameters()))
-        return opts
+        if self.lr_scheduler_factory is None:
+            return opts
+        return opts, [{"scheduler": self.lr_scheduler_factory(opts[0]), "interval": "step"}]
 
     def _nll(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         weights = foreground_weights(x, self.foreground_weight) if self.foreground_weight != 1.0 else None
