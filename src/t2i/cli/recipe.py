@@ -99,23 +99,30 @@ def format_plan(path: str | Path, planned: list[PlannedStep]) -> str:
     return "\n".join([f"[recipe] plan of {path}:", *(f"[recipe]   {p.line()}" for p in planned)])
 
 
-def _saved_hash(info: Path) -> str | None:
-    """The config hash an export's stage.json records, None when there is no stage.json."""
+def _stage_info(info: Path) -> dict | None:
+    """An export's stage.json, None when there is none; one that is not a JSON object is an error."""
     if not info.is_file():
         return None
     try:
-        return str(json.loads(info.read_text(encoding="utf-8")).get("config_hash"))
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise RecipeError(f"{info} is not a stage.json (a JSON object with a config_hash): {e}; delete that "
-                          f"export or pass --force to retrain it") from e
+        data = json.loads(info.read_text(encoding="utf-8"))
+        problem = None if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+    except json.JSONDecodeError as e:
+        problem = str(e)
+    if problem:
+        raise RecipeError(f"{info} is not a stage.json (a JSON object with a config_hash): {problem}; delete that "
+                          f"export or pass --force to retrain it")
+    return data
+
+
+def _saved_hash(info: Path) -> str | None:
+    """The config hash an export's stage.json records, None when there is no stage.json."""
+    data = _stage_info(info)
+    return None if data is None else str(data.get("config_hash"))
 
 
 def _export_metrics(info: Path) -> dict:
-    """The metrics an export's stage.json records ({} when there are none to read)."""
-    try:
-        metrics = json.loads(info.read_text(encoding="utf-8")).get("metrics")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return {}
+    """The metrics an export's stage.json records ({} when it records none)."""
+    metrics = (_stage_info(info) or {}).get("metrics")
     return metrics if isinstance(metrics, dict) else {}
 
 
@@ -153,7 +160,7 @@ class RecipeRunner:
             raise RecipeError(f"{self.path}: --force {unknown} names no training stage; the steps are {names}")
         self.force = set(force)
         self.exports: dict[str, dict] = {}  # stage name -> {"export": path, "hash": config hash}
-        self._started: float | None = None  # when `run` began: the estimate's elapsed time counts from it
+        self._started = 0.0  # when `run` began (time.time()): the estimate's elapsed time counts from it
 
     @staticmethod
     def _split_overrides(overrides: list[str], names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -216,12 +223,14 @@ class RecipeRunner:
         return reference_line(self.reference_machine, expected,
                               trains=any(p.kind == "train" and p.action != SKIP for p in planned))
 
+    def plan_text(self, planned: list[PlannedStep]) -> str:
+        """The plan, one line per step, and how long the steps that will run took on the reference machine."""
+        line = self.reference_line(planned)
+        return format_plan(self.path, planned) + (f"\n{line}" if line else "")
+
     def run(self, only: str | None = None) -> dict[str, dict]:
         planned = self.plan(only)
-        print(format_plan(self.path, planned), flush=True)
-        line = self.reference_line(planned)
-        if line:
-            print(line, flush=True)
+        print(self.plan_text(planned), flush=True)
         self._started = time.time()
         # the first training stage that runs measures this machine's speed for the whole job's estimate
         timed = next((p.name for p in planned if p.kind == "train" and p.action != SKIP), None)
@@ -229,8 +238,9 @@ class RecipeRunner:
         for i, step in enumerate(planned):
             start = time.time()
             print(f"\n[recipe] ===== {step.name} ({step.kind}) =====", flush=True)
-            later = {p.name: p.expect.get("seconds") for p in planned[i + 1:] if p.action != SKIP}
-            result = self._execute(step, later if step.name == timed else None)
+            later = ({p.name: p.expect.get("seconds") for p in planned[i + 1:] if p.action != SKIP}
+                     if step.name == timed else None)
+            result = self._execute(step, later)
             seconds = time.time() - start
             print(f"[recipe] {step.name}: {seconds:.0f}s", flush=True)
             outcomes.append(self._outcome(step, seconds, start))
@@ -355,7 +365,7 @@ class RecipeRunner:
         now = time.time()
         # on a line of its own: the stage's progress bar leaves the cursor at the end of its line
         print("\n" + measured_line(step.name, info["step_seconds"], reference, estimate,
-                                   elapsed=now - (self._started or launched), now=now), flush=True)
+                                   elapsed=now - self._started, now=now), flush=True)
         return True
 
 
@@ -376,11 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runner = RecipeRunner(args.recipe, args.overrides, tuple(args.force))
         if args.plan:
-            planned = runner.plan(args.only)
-            print(format_plan(runner.path, planned))
-            line = runner.reference_line(planned)
-            if line:
-                print(line)
+            print(runner.plan_text(runner.plan(args.only)))
         else:
             runner.run(args.only)
     except (RecipeError, ExportError) as e:
