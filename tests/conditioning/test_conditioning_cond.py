@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from t2i.conditioning import Cond
-from t2i.diffusion.guidance import classifier_free_guidance
+from t2i.diffusion.classifier_free_guidance import classifier_free_guidance
 
 
 def make(b: int = 4, length: int = 5, dim: int = 8, seed: int = 0) -> Cond:

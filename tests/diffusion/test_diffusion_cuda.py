@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from t2i.diffusion.guidance import classifier_free_guidance, classifier_guidance, dynamic_threshold, logp_grad
+from t2i.diffusion import classifier_free_guidance, classifier_guidance, dynamic_threshold, logp_grad
 from t2i.diffusion.loss import diffusion_loss
 from t2i.diffusion.parameterization import x0_denoiser
 from t2i.diffusion.samplers import ddim_invert, ddim_sample, ddpm_sample

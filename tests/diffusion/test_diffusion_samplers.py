@@ -7,6 +7,7 @@ import torch
 
 from t2i.diffusion.parameterization import eps_from_x0, q_sample
 from t2i.diffusion.samplers import (
+    alpha_bars,
     ddim_invert,
     ddim_sample,
     ddim_sigma,
@@ -70,11 +71,10 @@ def test_ddpm_step_is_ho_eq7_on_consecutive_steps():
         ab_t, ab_prev = AC[t], AC[t - 1]
         mean = (ab_prev.sqrt() * betas[t] / (1 - ab_t)) * x0 + (alphas[t].sqrt() * (1 - ab_prev) / (1 - ab_t)) * x_t
         var = (1 - ab_prev) / (1 - ab_t) * betas[t]
-        out, x0_hat = ddpm_step(lambda x, tt: x0, x_t, t, t - 1, AC, z)
-        assert torch.equal(x0_hat, x0)
+        out = ddpm_step(x_t, x0, ab_t.item(), ab_prev.item(), z)
         assert torch.allclose(out, mean + var.sqrt() * z, rtol=1e-12, atol=1e-12)
     # last step (t_prev = -1): deterministic, returns x̂0
-    out, _ = ddpm_step(lambda x, tt: x0, x_t, 0, -1, AC, None)
+    out = ddpm_step(x_t, x0, AC[0].item(), 1.0, None)
     assert torch.allclose(out, x0, atol=1e-15)
 
 
@@ -87,8 +87,7 @@ def test_ddim_step_is_song_eq12():
         x0_pred = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
         sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
         expected = math.sqrt(a_p) * x0_pred + math.sqrt(1 - a_p - sigma**2) * eps + sigma * z
-        x0_fn = lambda x, tt: (x - (1 - AC[tt]).sqrt()[:, None] * eps) / AC[tt].sqrt()[:, None]
-        out, _ = ddim_step(x0_fn, x_t, t, t_prev, AC, eta, z)
+        out = ddim_step(x_t, x0_pred, a_t, a_p, eta, z)
         assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
         assert ddim_sigma(a_t, a_p, eta) == pytest.approx(sigma, rel=1e-14)
 
@@ -98,8 +97,10 @@ def test_ddim_eta1_equals_ddpm_per_step_on_any_subset():
     g = torch.Generator().manual_seed(3)
     x_t, z = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
     for t, t_prev in ((999, 998), (1, 0), (999, 979), (600, 123), (0, -1), (37, -1)):
-        a, _ = ddpm_step(x0_fn, x_t, t, t_prev, AC, z)
-        b, _ = ddim_step(x0_fn, x_t, t, t_prev, AC, 1.0, z)
+        ab_t, ab_prev = AC[t].item(), AC[t_prev].item() if t_prev >= 0 else 1.0
+        x0 = x0_fn(x_t, torch.full((8,), t))
+        a = ddpm_step(x_t, x0, ab_t, ab_prev, z)
+        b = ddim_step(x_t, x0, ab_t, ab_prev, 1.0, z)
         assert torch.allclose(a, b, rtol=0, atol=1e-12), (t, t_prev)
 
 
@@ -121,6 +122,12 @@ def test_ddim_eta1_equals_ddpm_trajectory(steps):
     assert len(traj["ddpm"]) == len(ts)
     err = max((a - b).abs().max().item() for a, b in zip(traj["ddpm"], traj["ddim"], strict=True))
     assert err < 1e-10
+
+
+def test_alpha_bars_read_the_schedule_once_and_end_at_clean_data():
+    ab = alpha_bars(AC, [999, 500, 0])
+    assert ab == [AC[999].item(), AC[500].item(), AC[0].item(), 1.0]
+    assert all(isinstance(a, float) for a in ab)
 
 
 def test_ddim_eta0_is_deterministic():
@@ -170,6 +177,6 @@ def test_q_sample_then_one_step_back_with_true_x0():
     g = torch.Generator().manual_seed(9)
     x0, eps = torch.randn(2, 6, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64)
     x_t = q_sample(x0, torch.tensor([700, 700]), eps, AC)
-    out, _ = ddim_step(lambda x, t: x0, x_t, 700, 300, AC)
+    out = ddim_step(x_t, x0, AC[700].item(), AC[300].item())
     assert torch.allclose(out, q_sample(x0, torch.tensor([300, 300]), eps, AC), atol=1e-12)
     assert torch.allclose(eps_from_x0(x_t, x0, torch.tensor([700, 700]), AC), eps, atol=1e-12)

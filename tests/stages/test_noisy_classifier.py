@@ -18,7 +18,7 @@ from t2i.cli.train import train
 from t2i.conditioning.dropout import CondDropout
 from t2i.data.shapes import caption, random_specs
 from t2i.diffusion import classifier_guidance, logp_grad, make_schedule, q_sample, sample_timesteps
-from t2i.diffusion._random import randn
+from t2i.diffusion.seeded_random import randn
 from t2i.exports import ExportError, read_export
 from t2i.nn.noisy_classifier import NoisyImageClassifier
 from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline, load_classifier

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.diffusion._random import randn
+from t2i.diffusion.seeded_random import randn
 
 
 def downsample(images: torch.Tensor, size: int) -> torch.Tensor:

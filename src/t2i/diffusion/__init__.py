@@ -1,15 +1,11 @@
-"""Diffusion math as pure functions over tensors: schedules, parameterizations, loss, samplers, guidance."""
+"""Diffusion math as pure functions over tensors: schedules, parameterizations, loss, samplers, guidance,
+thresholding."""
 
-from t2i.diffusion.guidance import (
-    classifier_free_guidance,
-    classifier_guidance,
-    dynamic_threshold,
-    logp_grad,
-    static_threshold,
-    thresholded,
-)
+from t2i.diffusion.classifier_free_guidance import classifier_free_guidance
+from t2i.diffusion.classifier_guidance import classifier_guidance, logp_grad
 from t2i.diffusion.loss import diffusion_loss, loss_weights, offset_noise, sample_timesteps
 from t2i.diffusion.parameterization import (
+    X0Fn,
     eps_from_x0,
     q_sample,
     to_x0_eps,
@@ -19,6 +15,7 @@ from t2i.diffusion.parameterization import (
     x0_from_eps,
 )
 from t2i.diffusion.samplers import (
+    alpha_bars,
     ddim_invert,
     ddim_sample,
     ddim_step,
@@ -36,9 +33,10 @@ from t2i.diffusion.schedule import (
     scaled_linear_betas,
     snr,
 )
+from t2i.diffusion.thresholding import dynamic_threshold, static_threshold, thresholded
 
 __all__ = [
-    "alphas_cumprod", "classifier_free_guidance", "classifier_guidance", "cosine_betas", "ddim_invert",
+    "X0Fn", "alpha_bars", "alphas_cumprod", "classifier_free_guidance", "classifier_guidance", "cosine_betas", "ddim_invert",
     "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step", "diffusion_loss", "dynamic_threshold",
     "eps_from_x0", "extract", "linear_betas", "logp_grad", "loss_weights", "make_schedule", "offset_noise",
     "q_sample", "rescale_zero_terminal_snr", "sample_timesteps", "scaled_linear_betas", "snr",

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from t2i.diffusion._random import randint, randn
 from t2i.diffusion.parameterization import PREDICTIONS, q_sample, training_target
 from t2i.diffusion.schedule import extract, snr
+from t2i.diffusion.seeded_random import randint, randn
 
 
 def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction: str = "eps") -> torch.Tensor:

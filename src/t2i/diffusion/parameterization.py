@@ -19,6 +19,8 @@ from t2i.diffusion.schedule import extract
 
 PREDICTIONS = ("eps", "x0", "v")
 
+X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # a denoiser as the samplers see it: (x_t, t) -> x̂0
+
 
 def _coefs(t, ac: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ᾱ_t in float64, sqrt(ᾱ_t), sqrt(1-ᾱ_t)) shaped to broadcast with ``like``; the roots in its dtype."""
@@ -91,7 +93,7 @@ def to_x0_eps(kind: str, model_output: torch.Tensor, x_t: torch.Tensor, t,
 
 
 def x0_denoiser(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], kind: str,
-                alphas_cumprod: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                alphas_cumprod: torch.Tensor) -> X0Fn:
     """Wrap ``model_fn(x_t, t)`` (predicting ``kind``) into the samplers' ``x0_fn(x_t, t) -> x̂0``."""
     _check_kind(kind)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.diffusion import classifier_free_guidance, ddim_sample, ddpm_sample, thresholded, to_x0_eps
-from t2i.diffusion.guidance import X0Fn
+from t2i.diffusion.parameterization import X0Fn
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from t2i.callbacks.nonfinite import SkippedStepsAware
 from t2i.data.shapes import ShapeSpec, parse_caption
 from t2i.diffusion import make_schedule, q_sample, sample_timesteps
-from t2i.diffusion._random import randn
+from t2i.diffusion.seeded_random import randn
 from t2i.nn.noisy_classifier import NoisyImageClassifier
 
 ATTRIBUTES = tuple(f.name for f in dataclasses.fields(ShapeSpec) if f.type in (str, "str"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.lowres import LowResDegradation, downsample
-from t2i.diffusion._random import randint
+from t2i.diffusion.seeded_random import randint
 from t2i.images import log_grid
 from t2i.pipelines.unclip_stages import UpsamplerPipeline
 from t2i.stages.diffusion import DiffusionStage
