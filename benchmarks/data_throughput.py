@@ -4,6 +4,11 @@ and tiny-VAE training images/s on this machine.
 
     python benchmarks/data_throughput.py [--shards data/shapes/train] [--samples 20000] [--workers 0]
 
+``--readers`` instead compares t2i's shard reader (webdataset's tar iteration, `t2i.data.tar_reader`) with
+the hand-written tarfile reader it replaced (kept here only for this comparison), interleaved in one
+process: raw reading of whole shards, entering each shard at its last sample (a resume or a worker's range
+starting mid-shard), and the datamodule with each reader plugged in.
+
 ``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
@@ -11,15 +16,23 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
+import statistics
+import subprocess
+import tarfile
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+import t2i.data.stream
 from t2i.data.datamodule import ShardDataModule
-from t2i.data.manifest import load_manifest
+from t2i.data.manifest import load_manifest, sample_key
+from t2i.data.tar_reader import RawSample, read_samples
 
 
 def t2i_loader(manifest: str, batch: int, workers: int, resolution: int):
@@ -47,6 +60,150 @@ def measure(loader, samples: int) -> float:
         if n >= samples:
             break
     return n / (time.perf_counter() - start)
+
+
+def handwritten_read_samples(url: str, first: int, last: int, fields: frozenset[str] | None = None
+                             ) -> Iterator[RawSample]:
+    """The reader `t2i.data.tar_reader.read_samples` replaced: tarfile directly, random access on local files
+    (samples before `first` passed over by their headers), ``r|`` on ``pipe:`` streams. Same contract, but
+    it read every member: `fields` is ignored."""
+    index = first
+    try:
+        if url.startswith("pipe:"):
+            proc = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE, bufsize=1 << 20)
+            tar = tarfile.open(fileobj=proc.stdout, mode="r|")  # noqa: SIM115 - closed below
+
+            def close():
+                tar.close()
+                proc.stdout.close()
+                proc.kill()
+                proc.wait()
+        else:
+            tar = tarfile.open(url, mode="r:")  # noqa: SIM115 - closed below
+            close = tar.close
+    except (OSError, tarfile.TarError) as e:
+        for i in range(first, last):
+            yield RawSample(url, i, error=f"cannot open shard: {e}")
+        return
+    try:
+        current_key, current, seen = None, None, -1
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, fld = sample_key(member.name)
+                if key.startswith("_"):
+                    continue
+                if key != current_key:
+                    if current is not None:
+                        yield current
+                        index += 1
+                        current = None
+                    seen += 1
+                    current_key = key
+                    if seen >= last:
+                        break
+                    if seen >= first:
+                        current = RawSample(url, seen, key)
+                if current is not None:
+                    f = tar.extractfile(member)
+                    current.fields[fld] = f.read() if f is not None else b""
+            if current is not None:
+                yield current
+                index += 1
+            missing_reason = "shard holds fewer samples than its manifest says"
+        except (OSError, tarfile.TarError, EOFError) as e:
+            current = None
+            missing_reason = f"unreadable tar data ({type(e).__name__}: {e})"
+        for i in range(index, last):
+            yield RawSample(url, i, error=missing_reason)
+    finally:
+        close()
+
+
+Reader = Callable[..., Iterator[RawSample]]
+READERS: dict[str, Reader] = {"webdataset reader": read_samples, "hand-written reader": handwritten_read_samples}
+
+
+def _read(reader: Reader, url: str, first: int, last: int) -> int:
+    n = 0
+    for raw in reader(url, first, last):
+        if raw.error:
+            raise RuntimeError(f"{url}: {raw.error}")
+        n += 1
+    return n
+
+
+def _next_with(reader: Reader, batches: Iterator[dict]) -> int:
+    """One batch of an in-process loader, the stream reading with `reader` (looked up as each shard starts)."""
+    saved = t2i.data.stream.read_samples
+    t2i.data.stream.read_samples = reader
+    try:
+        return len(next(batches)["key"])
+    finally:
+        t2i.data.stream.read_samples = saved
+
+
+def _interleave(steps: Iterator[dict[str, Callable[[], int]]]) -> dict[str, list[tuple[int, float]]]:
+    """Run each step's calls (one per reader, the order alternating from step to step), timing each:
+    both readers see the same moments of a busy machine."""
+    out: dict[str, list[tuple[int, float]]] = {name: [] for name in READERS}
+    for i, calls in enumerate(steps):
+        for name in (list(calls) if i % 2 == 0 else list(calls)[::-1]):
+            start = time.perf_counter()
+            n = calls[name]()
+            out[name].append((n, time.perf_counter() - start))
+    return out
+
+
+def compare_readers(args, shards: list[tuple[str, int]]) -> dict:
+    """Each case interleaved at a fine grain (a shard; a batch of the datamodule). Its ratio is the speed of
+    the webdataset reader over the hand-written one (above 1: webdataset faster), the median over blocks (a
+    shard; a pass of --samples) of the blocks' ratios: a spike of load from elsewhere moves one block, not
+    the figure."""
+    def whole_shards():
+        n = 0
+        while n < args.samples * args.repeats:
+            for url, count in shards:
+                yield {name: (lambda r=r, u=url, c=count: _read(r, u, 0, c)) for name, r in READERS.items()}
+                n += count
+
+    def enter_last():
+        for _ in range(args.repeats):
+            for url, count in shards:
+                yield {name: (lambda r=r, u=url, c=count: _read(r, u, c - 1, c)) for name, r in READERS.items()}
+
+    per_pass = max(1, args.samples // args.batch)
+
+    def datamodule(res):
+        for _ in range(args.repeats):
+            loaders = {name: iter(t2i_loader(args.shards, args.batch, 0, res)) for name in READERS}
+            for _ in range(per_pass):
+                yield {name: (lambda r=r, it=loaders[name]: _next_with(r, it)) for name, r in READERS.items()}
+
+    cases = {"read whole shards": ("samples/s", 1, whole_shards()),
+             "enter a shard at its last sample": ("ms", 1, enter_last())}
+    for res in args.resolution:
+        cases[f"datamodule, {res}px, 0 workers"] = ("samples/s", per_pass, datamodule(res))
+    figures = {}
+    a, b = READERS
+    for case, (unit, block, steps) in cases.items():
+        got = _interleave(steps)
+        value = {}
+        for name, runs in got.items():
+            n, t = sum(x for x, _ in runs), sum(y for _, y in runs)
+            value[name] = n / t if unit == "samples/s" else t * 1000 / len(runs)
+        times = {name: [sum(t for _, t in runs[i:i + block]) for i in range(0, len(runs), block)]
+                 for name, runs in got.items()}
+        ratio = statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
+        totals = value[a] / value[b] if unit == "samples/s" else value[b] / value[a]
+        print(f"{case:34s} {a} {value[a]:9.1f} {unit}   {b} {value[b]:9.1f} {unit}   "
+              f"speed ratio {ratio:.3f} (median of {len(times[a])} blocks; of the totals {totals:.3f})")
+        figures[f"{case}: {a}"] = {"value": value[a], "unit": unit}
+        figures[f"{case}: {b}"] = {"value": value[b], "unit": unit}
+        # not named "ratio": report.py's summary takes "<case>: ratio" for the datamodule / bare webdataset one
+        figures[f"{case}: speed, webdataset / hand-written"] = {"value": ratio, "unit": "x"}
+    return figures
 
 
 def vae_images_per_s(batch: int = 64, resolution: int = 32, steps: int = 20) -> tuple[float, float]:
@@ -78,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--resolution", type=int, nargs="+", default=[64, 32])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--readers", action="store_true", help="compare t2i's webdataset reader with the "
+                   "hand-written one it replaced, in-process (only that; --workers is not used)")
     p.add_argument("--vae-batch", type=int, default=64, help="tiny-VAE training batch")
     p.add_argument("--vae-steps", type=int, default=20, help="timed tiny-VAE training steps (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
@@ -88,6 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     urls = [s.url for s in manifest.shards]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"shards: {args.shards} ({manifest.total} samples)")
+    if args.readers:
+        figures = compare_readers(args, [(s.url, s.num_samples) for s in manifest.shards if s.num_samples])
+        if args.json:
+            from report_record import write_record
+            shards = "/".join(Path(args.shards).resolve().parts[-2:])
+            write_record(args.json, "data_throughput", f"readers, {shards}, batch {args.batch}", args, figures,
+                         script=__file__, argv=argv)
+        return
     for res in args.resolution:
         for workers in args.workers:
             ours, bare = [], []

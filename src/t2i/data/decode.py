@@ -148,3 +148,9 @@ def decode_sample(fields: dict[str, bytes], cfg: DecodeConfig,
             raise BadSample(f"missing derived key {name}")
         out[name.removesuffix(".npy")] = decode_array(fields[name], name, shape)
     return out
+
+
+def fields_used(cfg: DecodeConfig) -> frozenset[str]:
+    """The fields `decode_sample` looks at under `cfg`: the only ones the stream needs read."""
+    caption = "json" if cfg.caption_field.startswith("json:") else cfg.caption_field
+    return frozenset((*(cfg.image_fields if cfg.resolution > 0 else ()), caption, *cfg.array_fields))

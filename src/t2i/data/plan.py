@@ -37,7 +37,7 @@ class Layout:
             raise ValueError(f"batch_size, num_workers and shuffle_window must be >= 1: {self}")
 
 
-def _rng(*key: int) -> np.random.Generator:
+def seeded_rng(*key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key])))
 
 
@@ -45,7 +45,7 @@ def shard_order(num_shards: int, layout: Layout, epoch: int) -> np.ndarray:
     """Order in which the shards are concatenated in this epoch (the same on every rank)."""
     if not layout.shuffle:
         return np.arange(num_shards)
-    return _rng(layout.seed, epoch, 0x5A4D).permutation(num_shards)
+    return seeded_rng(layout.seed, epoch, 0x5A4D).permutation(num_shards)
 
 
 def rank_sample_counts(total: int, layout: Layout) -> list[int]:
@@ -108,7 +108,7 @@ def window_permutation(length: int, layout: Layout, epoch: int, worker: int, win
     """Emission order of the samples of one shuffle window (indices into the window)."""
     if not layout.shuffle:
         return np.arange(length)
-    return _rng(layout.seed, epoch, layout.rank, layout.world_size, worker, window).permutation(length)
+    return seeded_rng(layout.seed, epoch, layout.rank, layout.world_size, worker, window).permutation(length)
 
 
 def consumed_by_worker(batches_consumed: int, num_workers: int, worker: int) -> int:

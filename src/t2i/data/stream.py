@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from t2i.data.decode import BadSample, DecodeConfig, decode_sample
+from t2i.data.decode import BadSample, DecodeConfig, decode_sample, fields_used
 from t2i.data.manifest import Manifest
 from t2i.data.plan import (
     Layout,
-    _rng,
     consumed_by_worker,
     num_batches,
+    seeded_rng,
     segments,
     shard_order,
     window_permutation,
@@ -50,6 +50,7 @@ class ShardStream(IterableDataset):
         self.total = sum(self.counts)
         self.layout = layout
         self.decode = decode
+        self.fields = fields_used(decode)  # members of other fields are passed over unread (an unused image)
         self.epoch = 0
         self.start_batch = 0
 
@@ -76,7 +77,7 @@ class ShardStream(IterableDataset):
 
     def _raw(self, order: np.ndarray, start: int, stop: int) -> Iterator[RawSample]:
         counts = [self.counts[i] for i in order]
-        return chain.from_iterable(read_samples(self.urls[order[i]], a, b)
+        return chain.from_iterable(read_samples(self.urls[order[i]], a, b, self.fields)
                                    for i, a, b in segments(counts, start, stop))
 
     def _worker_batches(self, worker: int) -> Iterator[dict]:
@@ -101,7 +102,7 @@ class ShardStream(IterableDataset):
                 if item.error:
                     skipped.append((item.url, item.key or f"#{item.index}", item.error))
                 else:
-                    crop_rng = (_rng(layout.seed, epoch, plan.start + lo + src, 0xC0)
+                    crop_rng = (seeded_rng(layout.seed, epoch, plan.start + lo + src, 0xC0)
                                 if self.decode.crop == "random" else None)
                     try:
                         samples.append(decode_sample(item.fields, self.decode, crop_rng))

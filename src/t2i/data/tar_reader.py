@@ -1,20 +1,36 @@
-"""Read a range of samples from one WebDataset tar shard, sequentially.
+"""Read a range of samples from one WebDataset tar shard, through webdataset's own tar iteration.
 
-A sample is a run of consecutive members sharing a key (``000000017.jpg``, ``000000017.txt``...).
-Samples before `first` are passed over by their headers only (a seek per member on a local file).
-Whatever cannot be read - a truncated or corrupt tar, a shard shorter than its manifest says - comes
-out as a `RawSample` with an `error`, one per missing sample, so that no loss is ever silent.
+A sample is a run of consecutive members sharing a key (``000000017.jpg``, ``000000017.txt``...), keys
+split the WebDataset way (`sample_key`); members whose key starts with ``_`` are not samples.
+`webdataset.tariterators.tar_file_iterator` reads the members (any compression ``tarfile`` detects; ``pipe:``
+urls opened by `webdataset.gopen`). t2i groups them itself rather than with webdataset's `group_by_keys`, and
+passes a handler that stops at the first error instead of skipping on: the plan asks for samples by position,
+and webdataset's grouping and error handlers lose position (a member it cannot group, or a sample cut
+short, simply is not there). Here exactly ``last - first`` items come out; whatever cannot be read - a
+truncated or corrupt tar, a shard shorter than its manifest says - is a `RawSample` with an `error`, one per
+missing sample, so that no loss is ever silent.
+
+Samples before `first` are passed over without reading their data: in a local shard by a walk over the
+member headers (tarfile seeks over each member's data) to the first member of sample `first`, where
+webdataset's iteration then starts; in a ``pipe:`` stream (which cannot seek) by webdataset's member filter,
+which sees each name before the data is read.
 """
 
 from __future__ import annotations
 
-import shlex
-import subprocess
+import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from webdataset.gopen import Pipe, gopen
+from webdataset.tariterators import tar_file_iterator
+
 from t2i.data.manifest import sample_key
+
+# tarfile's stream mode (webdataset's) asks its source for 10 KiB at a time: through a buffer this large those
+# reads are copies, and the extra cost over random access on ~100 KB members more than halves.
+_BUFFER = 1 << 20
 
 
 @dataclass
@@ -26,63 +42,156 @@ class RawSample:
     error: str = ""
 
 
+class _PastRange(Exception):
+    """Raised by the member filter at the first member of sample `last`: ends webdataset's iteration there,
+    before that member's data (or anything after it) is read."""
+
+
+class _Members:
+    """webdataset's ``select_files`` filter. It is called with every member name in tar order before the
+    member's data is read, so it is what numbers the samples: it starts a `RawSample` at each new key from
+    `first` on, selects the members of those samples (of the `wanted` fields only, when given), and stops
+    the iteration at the first member of sample `last`."""
+
+    def __init__(self, url: str, first: int, last: int, index: int, wanted: frozenset[str] | None):
+        self.url, self.first, self.last, self.wanted = url, first, last, wanted
+        self.index = index - 1  # of the sample in progress; `index`: that of the next key seen
+        self.key: str | None = None
+        self.started: list[RawSample] = []  # samples begun and not yet handed out, in order
+
+    def __call__(self, name: str) -> bool:
+        key, fld = sample_key(name)
+        if key.startswith("_"):
+            return False
+        if key != self.key:
+            self.key, self.index = key, self.index + 1
+            if self.index >= self.last:
+                raise _PastRange
+            if self.index >= self.first:
+                self.started.append(RawSample(self.url, self.index, key))
+        return self.index >= self.first and (self.wanted is None or fld in self.wanted)
+
+    def take_done(self) -> list[RawSample]:
+        """The samples begun before the one in progress: whole, since a later key has been seen."""
+        done, self.started[:-1] = self.started[:-1], []
+        return done
+
+
 def _open(url: str):
-    """Return (tarfile, closer). Local paths are opened for random access; ``pipe:`` streams."""
+    """A readable binary stream: ``pipe:`` through webdataset's `gopen` (a shell command, as WebDataset
+    runs it), anything else a local file, unbuffered (`read_samples` adds the buffer once past the samples
+    it skips: a buffer would read the data that the header walk seeks over). Local paths do not go through
+    `gopen`: it would read a ``:`` in a relative path as a url scheme."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE, bufsize=1 << 20)
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|")  # noqa: SIM115 - closed by the returned closer
-
-        def close():
-            tar.close()
-            proc.stdout.close()
-            proc.kill()
-            proc.wait()
-
-        return tar, close
-    tar = tarfile.open(url, mode="r:")  # noqa: SIM115 - closed by the returned closer
-    return tar, tar.close
+        return gopen(url, "rb", bufsize=_BUFFER)
+    return open(url, "rb", buffering=0)
 
 
-def read_samples(url: str, first: int, last: int) -> Iterator[RawSample]:
-    """Yield samples first..last-1 of the shard at `url` (exactly last-first items)."""
-    index = first
+def _close(stream) -> None:
+    """Close without raising: a pipe stopped before its end exits on SIGPIPE (or is killed here, so that a
+    stalled download cannot hold the worker); its exit status says nothing the sample count has not said."""
+    if isinstance(stream, Pipe):
+        stream.ignore_errors = True
+        stream.proc.kill()
     try:
-        tar, close = _open(url)
-    except (OSError, tarfile.TarError) as e:
+        stream.close()
+    except OSError:
+        pass
+
+
+def _seek_sample(f, first: int) -> int | BaseException | None:
+    """Move the local shard file `f` to the header of sample `first`'s first member, reading headers only.
+
+    Returns the index of the sample `f` now starts at: `first`, or 0 where seeking cannot be trusted (not an
+    uncompressed tar, or global pax headers that a reader starting mid-archive would miss: `f` is back at the
+    start). None when the shard ends before sample `first` (quietly: tarfile also stops quietly at a cut or
+    corrupt header past the first), the error when it breaks before it: no sample from `first` on is readable.
+    """
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 - leaves `f` open, holds nothing else
+    except (tarfile.TarError, OSError, EOFError):
+        f.seek(0)  # compressed, or broken at the very start: webdataset's reader says which
+        return 0
+    seen, key = -1, None
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _ = sample_key(member.name)
+            if k.startswith("_") or k == key:
+                continue
+            seen, key = seen + 1, k
+            if seen == first:
+                if tar.pax_headers:
+                    f.seek(0)
+                    return 0
+                f.seek(member.offset)  # the member's first header block (before any long-name or pax block)
+                return first
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return e
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).split(" @ ")[0]  # webdataset appends " @ <stream>" to the message
+    return f"unreadable tar data ({type(e).__name__}: {text})"
+
+
+SHORT_SHARD = "shard holds fewer samples than its manifest says"
+
+
+def read_samples(url: str, first: int, last: int, fields: frozenset[str] | None = None) -> Iterator[RawSample]:
+    """Yield samples first..last-1 of the shard at `url` (exactly last-first items). With `fields`, only
+    members of those fields are read (e.g. no image when none is decoded); the others are passed over."""
+    if first >= last:
+        return
+    try:
+        stream = _open(url)
+    except (OSError, ValueError) as e:  # ValueError: gopen refusing a pipe (WDS_SECURE)
         for i in range(first, last):
             yield RawSample(url, i, error=f"cannot open shard: {e}")
         return
     try:
-        current_key, current, seen = None, None, -1
+        start = 0
+        if not isinstance(stream, Pipe):
+            if first > 0:
+                there = _seek_sample(stream, first)
+                if not isinstance(there, int):
+                    reason = SHORT_SHARD if there is None else _reason(there)
+                    for i in range(first, last):
+                        yield RawSample(url, i, error=reason)
+                    return
+                start = there
+            stream = io.BufferedReader(stream, _BUFFER)  # reads on from where the raw file stands
+        index = first  # of the next sample to come out
+        members = _Members(url, first, last, start, fields)
+        errors: list[BaseException] = []
+
+        def stop(e: BaseException) -> bool:  # webdataset's handler: False ends the iteration
+            errors.append(e)
+            return False
+
         try:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, fld = sample_key(member.name)
-                if key.startswith("_"):
-                    continue
-                if key != current_key:
-                    if current is not None:
-                        yield current
-                        index += 1
-                        current = None
-                    seen += 1
-                    current_key = key
-                    if seen >= last:
-                        break
-                    if seen >= first:
-                        current = RawSample(url, seen, key)
-                if current is not None:
-                    f = tar.extractfile(member)
-                    current.fields[fld] = f.read() if f is not None else b""
-            if current is not None:
-                yield current
-                index += 1
-            missing_reason = "shard holds fewer samples than its manifest says"
-        except (OSError, tarfile.TarError, EOFError) as e:  # truncated or corrupt tar
-            current = None
-            missing_reason = f"unreadable tar data ({type(e).__name__}: {e})"
+            for member in tar_file_iterator(stream, skip_meta=None, handler=stop, select_files=members):
+                for sample in members.take_done():
+                    yield sample
+                    index += 1
+                members.started[-1].fields[sample_key(member["fname"])[1]] = member["data"]
+        except (OSError, tarfile.TarError, EOFError) as e:  # raised while reading a header: a broken tar
+            errors.append(e)
+        problem = next((e for e in errors if not isinstance(e, _PastRange)), None)
+        # at a clean or quiet end (or sample `last`) every sample begun is whole; at an error the one in
+        # progress lost its remaining members, or the one being read
+        for sample in members.started if problem is None else members.take_done():
+            yield sample
+            index += 1
+        if problem is None:
+            reason = SHORT_SHARD
+        elif start == 0 and members.key is None:  # nothing read: the tar could not even be opened
+            reason = f"cannot open shard: {str(problem).split(' @ ')[0]}"
+        else:
+            reason = _reason(problem)
         for i in range(index, last):
-            yield RawSample(url, i, error=missing_reason)
+            yield RawSample(url, i, error=reason)
     finally:
-        close()
+        _close(stream)
