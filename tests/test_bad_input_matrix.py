@@ -69,7 +69,7 @@ from t2i.cli.train import train
 from t2i.data.datamodule import ShardDataModule
 from t2i.data.manifest import ShardInfo, write_manifest
 from t2i.exports import CONFIG, WEIGHTS, ExportError, read_export, write_export
-from t2i.pipelines.ldm import LatentDiffusionPipeline
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -341,19 +341,19 @@ def test_export_mismatches(tiny_vae_export, tiny_ldm_export, tiny_clip_export, t
     vae8 = vae_with_other_channels(tiny_vae_export, tmp_path / "vae8")
     with pytest.raises(ExportError, match=r"denoises 4-channel latents, but the VAE export .*vae8 makes 8-channel "
                                           r"ones: pass the VAE export this stage was trained with"):
-        LatentDiffusionPipeline.from_export(tiny_ldm_export, vae_export=vae8)
+        TextToImagePipeline.from_export(tiny_ldm_export, vae_export=vae8)
     # config edited after export
     edited = copy_export(tiny_ldm_export, tmp_path / "edited",
                          lambda c: c["model"]["denoiser"].update(context_dim=16))
     with pytest.raises(ExportError, match=r"the weights for 'denoiser' do not match its config\.yaml \(model\.denoiser"
                                           r"\): missing \[\], unexpected \[\], shape mismatches \[.*attn2\.to_k\.weight: "
                                           r"weights \(16, 32\) vs config \(16, 16\)"):
-        LatentDiffusionPipeline.from_export(edited)
+        TextToImagePipeline.from_export(edited)
     # frozen text encoder of another width
     base = base_with_frozen_text_encoder(tiny_ldm_export, tiny_clip_export, tmp_path / "base")
     with pytest.raises(ExportError, match=r"its denoiser was trained on 16-wide text token states, but the text "
                                           r"encoder its config names gives 32-wide ones"):
-        LatentDiffusionPipeline.from_export(base, stage="base")
+        TextToImagePipeline.from_export(base, stage="base")
     assert {**digest(Path(tiny_vae_export)), **digest(Path(tiny_ldm_export)),
             **digest(Path(tiny_clip_export))} == kept
 
@@ -361,21 +361,21 @@ def test_export_mismatches(tiny_vae_export, tiny_ldm_export, tiny_clip_export, t
 def test_missing_or_wrong_parent_export(tiny_vae_export, tiny_ldm_export, tiny_clip_export, tmp_path):
     gone = tmp_path / "gone"
     with pytest.raises(ExportError, match=r"stage export not found: .*gone \(train that stage first\)"):
-        LatentDiffusionPipeline.from_export(gone)
+        TextToImagePipeline.from_export(gone)
     with pytest.raises(ExportError, match=r"needs its VAE export .*gone, which is missing \(pass vae_export=\)"):
-        LatentDiffusionPipeline.from_export(tiny_ldm_export, vae_export=gone)
+        TextToImagePipeline.from_export(tiny_ldm_export, vae_export=gone)
     moved = copy_export(tiny_ldm_export, tmp_path / "moved", lambda c: c["model"].update(first_stage_export=str(gone)))
     with pytest.raises(ExportError, match=r"needs its VAE export .*gone, which is missing"):
-        LatentDiffusionPipeline.from_export(moved)
+        TextToImagePipeline.from_export(moved)
     with pytest.raises(ExportError, match=r"is a 'ldm' export, expected a 'autoencoder' export"):
-        LatentDiffusionPipeline.from_export(tiny_ldm_export, vae_export=tiny_ldm_export)
+        TextToImagePipeline.from_export(tiny_ldm_export, vae_export=tiny_ldm_export)
     incomplete = copy_export(tiny_vae_export, tmp_path / "incomplete")
     (incomplete / WEIGHTS).unlink()
     with pytest.raises(ExportError, match=r"incomplete\D*incomplete: missing model\.safetensors"):
-        LatentDiffusionPipeline.from_export(tiny_ldm_export, vae_export=incomplete)
+        TextToImagePipeline.from_export(tiny_ldm_export, vae_export=incomplete)
     base = base_with_frozen_text_encoder(tiny_ldm_export, tiny_clip_export, tmp_path / "base")
     config = yaml.safe_load((base / CONFIG).read_text())
     config["model"]["text_encoder"]["export_dir"] = str(gone)
     (base / CONFIG).write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match=r"stage export not found: .*gone \(train that stage first\)"):
-        LatentDiffusionPipeline.from_export(base, stage="base")
+        TextToImagePipeline.from_export(base, stage="base")

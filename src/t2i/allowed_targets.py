@@ -35,6 +35,8 @@ MODEL_TARGETS: set[str] = {
     "t2i.conditioning.text.OpenClipTextEncoder",
     "t2i.conditioning.text.OpenClipTextEncoder.from_clip_export",
     "t2i.conditioning.text.OpenClipTextEncoder.from_config",
+    # label functions (caption -> labels) of a noisy classifier
+    "t2i.data.shapes.caption_attributes",
     # stages and their schedules
     "t2i.stages.autoencoder.AutoencoderStage",
     "t2i.stages.clip.ClipStage",

@@ -12,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from t2i_testing import make_shard_set
+from t2i_testing import all_specs, make_shard_set
 
 from t2i.data.datamodule import ShardDataModule
-from t2i.data.manifest import DataError, ShardInfo, count_samples, load_manifest, write_manifest
-from t2i.data.shapes import ShapeSpec, all_specs, held_out_combinations, is_held_out, parse_caption, render
+from t2i.data.manifest import DataError, ShardInfo, load_manifest, scan_shard, write_manifest
+from t2i.data.shapes import ShapeSpec, held_out_combinations, is_held_out, parse_caption, render
 
 DATA_PREP = Path(__file__).resolve().parents[2] / "data_prep"
+
+
+def count_samples(tar_path) -> int:
+    """The samples of a local tar shard, read from its member headers; DataError if it is damaged."""
+    n, problem = scan_shard(tar_path)
+    if problem is not None:
+        raise DataError(f"cannot read tar shard {tar_path}: {problem} ({n} sample(s) readable before it)")
+    return n
 
 
 def load_script(name: str):

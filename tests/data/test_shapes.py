@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from t2i_testing import all_specs
 
 from t2i.data.shapes import (
     BACKGROUNDS,
@@ -17,7 +18,6 @@ from t2i.data.shapes import (
     SHAPES,
     SIZES,
     ShapeSpec,
-    all_specs,
     attributes,
     bbox,
     caption,

@@ -54,8 +54,8 @@ def test_zero_fp32_equals_plain_training_on_gpu(small_shapes, tiny_vae_export, p
 
 
 def test_zero3_bf16_trains_and_exports_a_sampleable_model(small_shapes, tiny_vae_export, tmp_path):
-    from t2i.pipelines.ldm import LatentDiffusionPipeline
     from t2i.pipelines.sampling import SamplerSettings
+    from t2i.pipelines.text_to_image import TextToImagePipeline
 
     run = tmp_path / "zero3"
     _run(small_shapes, tiny_vae_export, run, "strategy=deepspeed_stage_3", "trainer.precision=bf16-mixed")
@@ -65,6 +65,6 @@ def test_zero3_bf16_trains_and_exports_a_sampleable_model(small_shapes, tiny_vae
     exported = load_file(run / "export" / "model.safetensors")
     for k, v in exported.items():
         torch.testing.assert_close(v.float(), state[f"ema.module.{k}"].float(), rtol=0, atol=0, msg=k)
-    pipe = LatentDiffusionPipeline.from_export(run / "export", device="cuda")
+    pipe = TextToImagePipeline.from_export(run / "export", device="cuda")
     images = pipe(["a large red circle in the top left on a white background"], SamplerSettings(steps=3), seed=0)
     assert images.shape[0] == 1 and torch.isfinite(images).all()

@@ -18,7 +18,7 @@ from t2i.conditioning.text import OpenClipTextEncoder
 from t2i.exports import CONFIG, ExportError, check_export_targets, read_export
 from t2i.pipelines.autoencoder import load_autoencoder
 from t2i.pipelines.build import build_from_config, resolve_export_target
-from t2i.pipelines.ldm import LatentDiffusionPipeline
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 def tampered(export: Path, folder: Path, edit) -> Path:
@@ -62,7 +62,7 @@ def test_malicious_target_is_refused_before_anything_runs(tiny_ldm_export, tmp_p
     evil = tampered(tiny_ldm_export, tmp_path / "evil", lambda c: edit(c, marker))
     before = (evil / CONFIG).read_bytes()
     with pytest.raises(ExportError) as err:
-        LatentDiffusionPipeline.from_export(evil)
+        TextToImagePipeline.from_export(evil)
     message = str(err.value)
     assert str(evil / CONFIG) in message and key_path in message, message
     assert ("os.system" if case == "os.system" else "os.makedirs") in message and "refusing" in message
@@ -89,7 +89,7 @@ def test_targets_that_only_look_like_t2i_or_torch_are_refused(tiny_ldm_export, t
     marker = tmp_path / "pwned"
     node = {"_target_": target, **BYPASSES[target](marker, tiny_ldm_export / CONFIG)}
     evil = tampered(tiny_ldm_export, tmp_path / "evil", lambda c: c["model"].update(text_encoder=node))
-    for load in (read_export, LatentDiffusionPipeline.from_export):
+    for load in (read_export, TextToImagePipeline.from_export):
         with pytest.raises(ExportError, match="refusing") as err:
             load(evil)
         assert "model.text_encoder._target_" in str(err.value) and target in str(err.value)
@@ -151,7 +151,7 @@ def test_legitimate_exports_still_load(tiny_vae_export, tiny_ldm_export, tiny_cl
         found = dict(check_export_targets(read_export(export).config["model"], export, "model"))
         assert found and set(found.values()) <= MODEL_TARGETS
     assert load_autoencoder(tiny_vae_export).latent_channels == 4
-    pipe = LatentDiffusionPipeline.from_export(tiny_ldm_export)
+    pipe = TextToImagePipeline.from_export(tiny_ldm_export)
     assert "text_encoder" in pipe.net and pipe.first_stage is not None
     assert OpenClipTextEncoder.from_clip_export(tiny_clip_export).width == 32
     optimizer = read_export(tiny_ldm_export).config["model"]["optimizer"]  # a _partial_ torch class

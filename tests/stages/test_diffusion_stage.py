@@ -11,8 +11,8 @@ from t2i_testing import tiny_ldm_overrides
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
 from t2i.exports import read_export
-from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 def test_fast_dev_run_trains_and_exports(small_shapes, tiny_vae_export, tmp_path):
@@ -26,7 +26,7 @@ def test_fast_dev_run_trains_and_exports(small_shapes, tiny_vae_export, tmp_path
 
 
 def test_export_generates_images_reproducibly(tiny_ldm_export):
-    pipe = LatentDiffusionPipeline.from_export(tiny_ldm_export)
+    pipe = TextToImagePipeline.from_export(tiny_ldm_export)
     settings = SamplerSettings(steps=3, guidance_scale=2.0)
     prompts = ["a large red circle in the top left on a white background"] * 2
     a = pipe(prompts, settings, seed=1)

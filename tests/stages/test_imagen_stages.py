@@ -22,7 +22,7 @@ from t2i.conditioning.precomputed import precomputed_text_condition
 from t2i.exports import ExportError, read_export
 from t2i.pipelines.cascade import CascadePipeline
 from t2i.pipelines.sampling import SamplerSettings
-from t2i.pipelines.unclip_stages import UpsamplerPipeline
+from t2i.pipelines.upsampler import UpsamplerPipeline
 
 PROMPTS = ["a small red circle in the top on a black background", "a large blue square in the left on a white background"]
 

@@ -16,14 +16,14 @@ from torch import nn
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
 from t2i.conditioning.dropout import CondDropout
-from t2i.data.shapes import caption, random_specs
+from t2i.data.shapes import caption, caption_attributes, random_specs
 from t2i.diffusion import classifier_guidance, logp_grad, make_schedule, q_sample, sample_timesteps
 from t2i.diffusion.seeded_random import randn
 from t2i.exports import ExportError, read_export
 from t2i.nn.noisy_classifier import NoisyImageClassifier
 from t2i.pipelines.classifier_guidance import ClassifierGuidedPipeline, load_classifier
-from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings, denoiser
+from t2i.pipelines.text_to_image import TextToImagePipeline
 from t2i.stages.noisy_classifier import NoisyClassifierStage, caption_labels
 
 PROMPTS = ["a large red circle in the top left on a white background",
@@ -57,7 +57,8 @@ def test_fast_dev_run_exports_the_classifier(classifier_export):
     assert export.state_dict() and all(k.startswith("classifier.") for k in export.state_dict())
     assert {"val/acc_shape", "val/acc_color", "val/acc_shape_t0", "val/loss"} <= set(export.metrics)
     assert export.metrics["image_size"] == 16 and export.metrics["T"] == 1000
-    classifier, labels, ac, size = load_classifier(classifier_export)
+    classifier, labels, ac, size, label_fn = load_classifier(classifier_export)
+    assert label_fn is caption_attributes or label_fn.func is caption_attributes  # named by the export's config
     assert labels["shape"] == ["circle", "square", "triangle"] and len(labels["color"]) == 6
     torch.testing.assert_close(ac, make_schedule("linear", 1000))
     logits = classifier(torch.zeros(2, 3, size, size), torch.tensor([0, 999]))
@@ -88,21 +89,31 @@ def test_classifier_sees_x_t_and_caption_labels(small_shapes, tmp_path):
     torch.testing.assert_close(loss, expected)
 
 
-def test_labels_must_come_from_parseable_captions():
+def test_labels_come_from_the_label_function():
     labels = {"shape": ["circle", "square", "triangle"]}
     with pytest.raises(ValueError, match="not a canonical shapes caption: 'a photo of a cat'"):
-        caption_labels(["a photo of a cat"], labels)
+        caption_labels(["a photo of a cat"], labels, caption_attributes)
     with pytest.raises(ValueError, match="triangle.*not among the classifier's classes"):
-        caption_labels(["a large red triangle in the top on a white background"], {"shape": ["circle", "square"]})
+        caption_labels(["a large red triangle in the top on a white background"], {"shape": ["circle", "square"]},
+                       caption_attributes)
+    with pytest.raises(ValueError, match="has no hue"):
+        caption_labels(["a large red triangle in the top on a white background"], {"hue": ["warm"]},
+                       caption_attributes)
+
+    def species(text):  # a dataset of its own: the stage reads whatever labels its function gives
+        return {"species": text.split()[-1]}
+
+    got = caption_labels(["a photo of a cat", "a dog"], {"species": ["dog", "cat"]}, species)
+    assert got["species"].tolist() == [1, 0]
 
 
 def test_heads_must_match_labels(small_shapes, tmp_path):
     cfg = compose_config(classifier_overrides(small_shapes, tmp_path, "model.classifier.heads={shape:3,color:5}"))
     with pytest.raises((ValueError, InstantiationException), match="do not match the labels"):
         instantiate(cfg.model)
-    with pytest.raises(ValueError, match="not shapes attributes"):
-        NoisyClassifierStage(NoisyImageClassifier(3, 8, {"hue": 2}, channel_mult=[1]), {"hue": ["a", "b"]},
-                             optimizer=partial(torch.optim.AdamW))
+    with pytest.raises(ValueError, match="repeats a class"):
+        NoisyClassifierStage(NoisyImageClassifier(3, 8, {"hue": 2}, channel_mult=[1]), {"hue": ["a", "a"]},
+                             optimizer=partial(torch.optim.AdamW), label_fn=caption_attributes)
 
 
 # ---- guidance on a toy case ---------------------------------------------------------------------
@@ -132,7 +143,7 @@ class ZeroX0(nn.Module):
 def toy_pipeline(image_size=4):
     ac = make_schedule("linear", 1000)
     net = nn.ModuleDict({"denoiser": ZeroX0(), "cond_dropout": CondDropout({})})
-    base = LatentDiffusionPipeline(net, None, None, ac, "x0", image_size)
+    base = TextToImagePipeline(net, None, None, ac, "x0", image_size)
     return base, ClassifierGuidedPipeline(base, MeanClassifier(), {"size": ["bright", "dark"]}, ac, image_size)
 
 
@@ -186,7 +197,7 @@ def test_mismatched_classifier_is_refused():
 # ---- the pipeline over exports --------------------------------------------------------------------
 def test_pipeline_from_exports_samples_both_modes(base_export, classifier_export):
     pipe = ClassifierGuidedPipeline.from_exports(base_export, classifier_export)
-    base = LatentDiffusionPipeline.from_export(base_export, stage="base")
+    base = TextToImagePipeline.from_export(base_export, stage="base")
     settings = SamplerSettings(steps=2, guidance_scale=2.0, thresholding="dynamic")
     labels = [{"shape": "circle", "color": "red"}, {"shape": "square"}]
     images = pipe(labels, scale=1.0, settings=settings, seed=0)
@@ -200,7 +211,7 @@ def test_pipeline_from_exports_samples_both_modes(base_export, classifier_export
 
 
 def test_from_exports_refuses_another_schedule(base_export, classifier_export):
-    base = LatentDiffusionPipeline.from_export(base_export, stage="base")
+    base = TextToImagePipeline.from_export(base_export, stage="base")
     base.alphas_cumprod = make_schedule("cosine", 1000)
     with pytest.raises(ExportError, match="noise schedule"):
         ClassifierGuidedPipeline.from_exports(base, classifier_export)

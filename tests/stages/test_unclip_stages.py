@@ -20,9 +20,12 @@ from t2i_testing import (
 from t2i.cli.config import compose_config
 from t2i.cli.train import train
 from t2i.conditioning.lowres import downsample
+from t2i.conditioning.text_encoding import clip_text_condition
 from t2i.exports import ExportError, read_export
+from t2i.pipelines.decoder import DecoderPipeline
+from t2i.pipelines.prior import PriorPipeline
 from t2i.pipelines.unclip import UnclipPipeline
-from t2i.pipelines.unclip_stages import DecoderPipeline, PriorPipeline, UpsamplerPipeline, clip_text_condition
+from t2i.pipelines.upsampler import UpsamplerPipeline
 
 
 @pytest.fixture(scope="module")

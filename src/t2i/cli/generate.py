@@ -34,8 +34,8 @@ import torch
 
 from t2i.cli.options import parse_key_values
 from t2i.images import save_png, to_uint8
-from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _metadata(prompt: str, opts: GenerateOptions, seed: int) -> dict[str, str]:
             f"guidance_scale={opts.guidance_scale} thresholding={opts.thresholding} seed={seed} export={export}"}
 
 
-def generate_images(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompts: list[str]) -> list[Path]:
+def generate_images(pipe: TextToImagePipeline, opts: GenerateOptions, prompts: list[str]) -> list[Path]:
     settings = SamplerSettings(steps=opts.steps, eta=opts.eta, guidance_scale=opts.guidance_scale,
                                sampler=opts.sampler, thresholding=opts.thresholding or "none",
                                percentile=opts.percentile or SamplerSettings.percentile)
@@ -129,7 +129,7 @@ def generate_images(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompt
     return written
 
 
-def interpolate(pipe: LatentDiffusionPipeline, opts: GenerateOptions, prompt: str) -> Path:
+def interpolate(pipe: TextToImagePipeline, opts: GenerateOptions, prompt: str) -> Path:
     """DDIM (eta=0) maps noise to image deterministically: walk between two seeds' noises."""
     shape = pipe.latent_shape(1)
     a = torch.randn(shape, generator=torch.Generator().manual_seed(opts.seed))
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if opts.image:
             raise SystemExit("image variations need pipeline=unclip")
-        pipe = LatentDiffusionPipeline.from_export(opts.export, opts.vae_export, device=opts.device)
+        pipe = TextToImagePipeline.from_export(opts.export, opts.vae_export, device=opts.device)
     prompts = read_prompts(opts)
     torch.manual_seed(opts.seed)
     if opts.mode == "interpolate":

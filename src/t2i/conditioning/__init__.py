@@ -1,8 +1,7 @@
 """Conditioning for the denoisers: the `Cond` container, classifier-free-guidance dropout and text encoders.
 
-`Cond` and `CondDropout` import without open_clip; the text encoders (which import open_clip, a few
-seconds) are loaded on first access of `OpenClipTokenizer`, `OpenClipTextEncoder`, `TextEncoding` or
-`ClipImageEncoder`.
+`Cond`, `CondDropout` and `TextEncoding` import without open_clip; the text encoders (which import open_clip,
+a few seconds) are loaded on first access of `OpenClipTokenizer`, `OpenClipTextEncoder` or `ClipImageEncoder`.
 """
 
 from __future__ import annotations
@@ -11,14 +10,15 @@ from typing import TYPE_CHECKING
 
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
+from t2i.conditioning.text_encoding import TextEncoding
 
 if TYPE_CHECKING:
     from t2i.conditioning.clip import ClipImageEncoder
-    from t2i.conditioning.text import OpenClipTextEncoder, OpenClipTokenizer, TextEncoding
+    from t2i.conditioning.text import OpenClipTextEncoder, OpenClipTokenizer
 
 __all__ = ["ClipImageEncoder", "Cond", "CondDropout", "OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"]
 
-_LAZY = {"OpenClipTextEncoder", "OpenClipTokenizer", "TextEncoding"}
+_LAZY = {"OpenClipTextEncoder", "OpenClipTokenizer"}
 
 
 def __getattr__(name: str):

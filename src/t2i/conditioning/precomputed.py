@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from t2i.conditioning.cond import Cond
+from t2i.conditioning.text_encoding import TextEncoding
 
 FIELDS = ("text_tokens.npy", "text_mask.npy", "text_pooled.npy")
 KEYS = tuple(f.removesuffix(".npy") for f in FIELDS)
@@ -41,9 +42,7 @@ def precomputed_text_condition(batch: dict, width: int, pooled_dim: int | None) 
     if pooled_dim is not None and (pooled.ndim != 2 or pooled.shape[-1] != pooled_dim):
         raise ValueError(f"text_pooled of shape {tuple(pooled.shape)}: expected (B, {pooled_dim}); were they "
                          f"written by another text encoder?")
-    length = max(int(mask.sum(1).max()), 1)
-    return Cond(context=tokens[:, :length].float(), context_mask=mask[:, :length],
-                vector=pooled.float() if pooled_dim is not None else None)
+    return TextEncoding(tokens.float(), mask, pooled.float()).to_cond(vector=pooled_dim is not None, cut=True)
 
 
 def encode_for_shards(encoder: torch.nn.Module, captions: list[str]) -> dict:

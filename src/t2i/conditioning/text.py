@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -32,7 +31,7 @@ from torch import nn
 
 from t2i.conditioning.clip import STAGE as CLIP_STAGE
 from t2i.conditioning.clip import clip_export_model_config
-from t2i.conditioning.cond import Cond
+from t2i.conditioning.text_encoding import TextEncoding
 from t2i.exports import Export, read_export
 from t2i.weights import check_state_dict, load_tensor_file
 
@@ -92,16 +91,6 @@ class OpenClipTokenizer:
         self.__init__(**state)
 
 
-class TextEncoding(NamedTuple):
-    context: torch.Tensor  # (B, L, D)
-    mask: torch.Tensor  # (B, L) bool
-    pooled: torch.Tensor  # (B, Dp)
-
-    def to_cond(self, vector: bool = False) -> Cond:
-        """``Cond(context, context_mask[, vector=pooled])``."""
-        return Cond(context=self.context, context_mask=self.mask, vector=self.pooled if vector else None)
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a CLIP checkpoint file, without its image tower (see `t2i.weights`)."""
     return load_tensor_file(path, skip_prefixes=_IGNORED_PREFIXES)
@@ -153,7 +142,7 @@ class OpenClipTextEncoder(nn.Module):
             if arch is None or checkpoint_path is None:
                 raise ValueError("give arch and checkpoint_path (frozen pretrained), or use "
                                  "OpenClipTextEncoder.from_config(...) for a trainable tower")
-            tower, tokenizer_kwargs = self._build_tower(arch, force_quick_gelu)
+            tower, tokenizer_kwargs = self.build_tower(arch, force_quick_gelu)
             sd = _text_tower_state(load_state_dict_file(checkpoint_path), tower, checkpoint_path)
             tower.load_state_dict(sd, strict=True)
             self.frozen = True
@@ -182,7 +171,7 @@ class OpenClipTextEncoder(nn.Module):
         self.tower.eval()
 
     @staticmethod
-    def _build_tower(arch: str, force_quick_gelu: bool) -> tuple[TextTransformer, dict]:
+    def build_tower(arch: str, force_quick_gelu: bool) -> tuple[TextTransformer, dict]:
         if ":" in arch:  # "hf-hub:..." would fetch a config from the network, "local-dir:..." runs its json
             raise ValueError(f"open_clip model {arch!r}: only registered config names are used (no hf-hub: or "
                              f"local-dir: names; nothing is downloaded); register a config with "

@@ -172,11 +172,3 @@ def scan_shard(tar_path: str | Path) -> tuple[int, str | None]:
     if problem is None:
         return started, None
     return max(started - 1, 0), problem
-
-
-def count_samples(tar_path: str | Path) -> int:
-    """The samples of a local tar shard (read from its member headers); DataError if the shard is damaged."""
-    n, problem = scan_shard(tar_path)
-    if problem is not None:
-        raise DataError(f"cannot read tar shard {tar_path}: {problem} ({n} sample(s) readable before it)")
-    return n

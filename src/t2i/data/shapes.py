@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from PIL import Image
@@ -86,6 +86,13 @@ def parse_caption(text: str) -> ShapeSpec:
         raise ValueError(f"not a canonical shapes caption: {text!r}")
     size, color, shape, position, background = m.groups()
     return ShapeSpec(shape, color, size, position, background)
+
+
+def caption_attributes(text: str) -> dict[str, str]:
+    """``{attribute: value}`` of a canonical shapes caption (shape, color, size, position, background): the
+    label function of the noisy classifier and of classifier guidance on this dataset."""
+    spec = parse_caption(text)
+    return {f.name: getattr(spec, f.name) for f in fields(spec) if isinstance(getattr(spec, f.name), str)}
 
 
 def center(spec: ShapeSpec) -> tuple[float, float]:
@@ -189,12 +196,6 @@ def _draw(rng: np.random.Generator, n: int) -> list[ShapeSpec]:
                   float(jitter[i, 0]), float(jitter[i, 1]))
         for i in range(n)
     ]
-
-
-def all_specs() -> list[ShapeSpec]:
-    """Every attribute combination (972), without jitter."""
-    return [ShapeSpec(sh, c, sz, p, b) for sh in SHAPES for c in COLORS for sz in SIZES
-            for p in POSITIONS for b in BACKGROUNDS]
 
 
 def encode_sample(spec: ShapeSpec) -> dict[str, bytes | str]:

@@ -22,8 +22,8 @@ from t2i.data.tar_reader import read_samples
 from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
 from t2i.eval.shapes import SPLITS, eval_prompts, percent_with_interval, score
 from t2i.images import grid, save_png
-from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 def real_images(manifest: str, resolution: int, limit: int) -> tuple[torch.Tensor, list[str]]:
@@ -41,7 +41,7 @@ def real_images(manifest: str, resolution: int, limit: int) -> tuple[torch.Tenso
     return torch.stack(images), captions
 
 
-def generate_for(pipe: LatentDiffusionPipeline, prompts: list[str], settings: SamplerSettings,
+def generate_for(pipe: TextToImagePipeline, prompts: list[str], settings: SamplerSettings,
                  batch_size: int, seed: int) -> torch.Tensor:
     out = [pipe(prompts[i: i + batch_size], settings, seed=seed + i) for i in range(0, len(prompts), batch_size)]
     return torch.cat(out)
@@ -66,7 +66,7 @@ def evaluate_ldm(export: str, out_dir: str, val_manifest: str, num_prompts: int 
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = LatentDiffusionPipeline.from_export(export, device=device)
+    pipe = TextToImagePipeline.from_export(export, device=device)
     trained_scale = pipe.config.get("model", {}).get("sampler", {}).get("guidance_scale", 3.0)
     scale = float(guidance_scale if guidance_scale is not None else trained_scale)
     res = pipe.image_size

@@ -44,7 +44,7 @@ def load_ldm_parts(export_dir: str | Path, vae_export: str | Path | None = None)
     local checkpoint file is gone) is reported in ``text_encoder_problem``, not raised."""
     from t2i.exports import read_export
     from t2i.pipelines.build import load_module
-    from t2i.pipelines.ldm import text_encoder_of
+    from t2i.pipelines.stage_pipeline import text_encoder_of
 
     export = read_export(export_dir)
     model = export.config.get("model") or {}

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from t2i.exports import ExportError
-from t2i.pipelines.ldm import LatentDiffusionPipeline
 from t2i.pipelines.sampling import SamplerSettings
-from t2i.pipelines.unclip_stages import UpsamplerPipeline
+from t2i.pipelines.text_to_image import TextToImagePipeline
+from t2i.pipelines.upsampler import UpsamplerPipeline
 
 BASE_STAGE, SR_STAGE = "base", "sr"
 
@@ -31,7 +31,7 @@ class CascadeSettings:
     sr_noise_levels: list[float | None] = field(default_factory=list)
 
     @classmethod
-    def of(cls, base: LatentDiffusionPipeline, upsamplers: list[UpsamplerPipeline]) -> CascadeSettings:
+    def of(cls, base: TextToImagePipeline, upsamplers: list[UpsamplerPipeline]) -> CascadeSettings:
         defaults = cls()
         return cls(base=trained_settings(base.config, defaults.base),
                    sr=[trained_settings(u.config, SamplerSettings(steps=25, guidance_scale=1.0)) for u in upsamplers],
@@ -39,7 +39,7 @@ class CascadeSettings:
 
 
 class CascadePipeline:
-    def __init__(self, base: LatentDiffusionPipeline, upsamplers: list[UpsamplerPipeline],
+    def __init__(self, base: TextToImagePipeline, upsamplers: list[UpsamplerPipeline],
                  settings: CascadeSettings | None = None):
         if base.first_stage is not None:
             raise ExportError("a cascade's base model is a pixel-space one (latents_from: pixels)")
@@ -57,7 +57,7 @@ class CascadePipeline:
     @classmethod
     def from_exports(cls, base: str | Path, upsamplers: list[str | Path] = (), settings: CascadeSettings | None = None,
                      device: str | torch.device = "cpu") -> CascadePipeline:
-        base_pipe = LatentDiffusionPipeline.from_export(base, device=device, stage=BASE_STAGE)
+        base_pipe = TextToImagePipeline.from_export(base, device=device, stage=BASE_STAGE)
         ups = [UpsamplerPipeline.from_export(u, device, stage=SR_STAGE) for u in upsamplers]
         return cls(base_pipe, ups, settings)
 

@@ -22,41 +22,48 @@ the base's resolution; both are checked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from t2i.conditioning.cond import Cond
-from t2i.data.shapes import parse_caption
+from t2i.data.shapes import caption_attributes
 from t2i.diffusion import classifier_guidance, logp_grad, make_schedule
 from t2i.exports import ExportError, read_export
 from t2i.nn.noisy_classifier import NoisyImageClassifier
-from t2i.pipelines.build import load_module
-from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
+from t2i.pipelines.build import build_from_config, load_module
 from t2i.pipelines.sampling import SamplerSettings, sample
+from t2i.pipelines.text_to_image import TextToImagePipeline
+
+LabelFn = Callable[[str], Mapping[str, str]]  # caption -> {head: class name}
 
 
-def load_classifier(export_dir: str | Path) -> tuple[NoisyImageClassifier, dict[str, list[str]], torch.Tensor, int]:
-    """(classifier, labels ``{head: class names}``, its schedule ᾱ, its image size) from a classifier export."""
+def load_classifier(export_dir: str | Path) -> tuple[NoisyImageClassifier, dict[str, list[str]], torch.Tensor, int,
+                                                    LabelFn]:
+    """(classifier, labels ``{head: class names}``, its schedule ᾱ, its image size, its label function) from a
+    classifier export. An export whose config names no ``label_fn`` was trained on shapes captions."""
     export = read_export(export_dir, stage="classifier")
     model = export.config["model"]
     classifier = load_module(export, "classifier", "classifier")
     labels = {str(k): [str(c) for c in v] for k, v in model["labels"].items()}
-    return classifier, labels, make_schedule(**model.get("schedule", {})), int(model["image_size"])
+    node = model.get("label_fn")
+    label_fn = build_from_config(node, export.path / "config.yaml", "model.label_fn") if node else caption_attributes
+    return classifier, labels, make_schedule(**model.get("schedule", {})), int(model["image_size"]), label_fn
 
 
 class ClassifierGuidedPipeline:
-    """A pixel-space base `LatentDiffusionPipeline` (``first_stage`` None) guided by a `NoisyImageClassifier`.
+    """A pixel-space base `TextToImagePipeline` (``first_stage`` None) guided by a `NoisyImageClassifier`.
 
+    ``label_fn`` reads a caption's labels (caption -> ``{head: class}``; shapes captions by default).
     ``classifier_alphas_cumprod`` / ``classifier_image_size``: the schedule and resolution the classifier was
     trained at; a mismatch with the base is refused here (a classifier of ``x_t`` from another schedule, or of
     another image size, would give meaningless gradients).
     """
 
-    def __init__(self, base: LatentDiffusionPipeline, classifier: NoisyImageClassifier,
+    def __init__(self, base: TextToImagePipeline, classifier: NoisyImageClassifier,
                  labels: Mapping[str, Sequence[str]], classifier_alphas_cumprod: torch.Tensor,
-                 classifier_image_size: int):
+                 classifier_image_size: int, label_fn: LabelFn = caption_attributes):
         if base.first_stage is not None:
             raise ValueError("classifier guidance needs a pixel-space base model (its classifier sees pixels), "
                              "but this base decodes latents with a first stage")
@@ -76,30 +83,33 @@ class ClassifierGuidedPipeline:
         labels = {str(k): [str(c) for c in v] for k, v in labels.items()}
         if {h: len(v) for h, v in labels.items()} != dict(classifier.heads):
             raise ValueError(f"the labels {labels} do not match the classifier's heads {dict(classifier.heads)}")
-        self.base, self.labels = base, labels
+        self.base, self.labels, self.label_fn = base, labels, label_fn
         self.classifier = classifier.eval().requires_grad_(False).to(base.device)
 
     @classmethod
-    def from_exports(cls, base_export: str | Path | LatentDiffusionPipeline, classifier_export: str | Path,
+    def from_exports(cls, base_export: str | Path | TextToImagePipeline, classifier_export: str | Path,
                      base_stage: str = "base", device: str | torch.device = "cpu") -> ClassifierGuidedPipeline:
         """``base_export``: a pixel text-to-image export of stage type ``base_stage`` (or a loaded pipeline)."""
         base = base_export
-        if not isinstance(base, LatentDiffusionPipeline):
-            base = LatentDiffusionPipeline.from_export(base_export, stage=base_stage, device=device)
-        classifier, labels, ac, size = load_classifier(classifier_export)
+        if not isinstance(base, TextToImagePipeline):
+            base = TextToImagePipeline.from_export(base_export, stage=base_stage, device=device)
+        classifier, labels, ac, size, label_fn = load_classifier(classifier_export)
         try:
-            return cls(base.to(device), classifier, labels, ac, size)
+            return cls(base.to(device), classifier, labels, ac, size, label_fn)
         except ValueError as e:
             raise ExportError(f"{classifier_export} cannot guide {base_export}: {e}") from e
 
     # ---- labels -------------------------------------------------------------------------------
     def labels_of(self, prompt: str) -> dict[str, str]:
-        """The classifier's labels of a shapes caption (every head)."""
+        """The classifier's labels of a caption (every head), read by its ``label_fn``."""
         try:
-            spec = parse_caption(prompt)
+            found = self.label_fn(prompt)
         except ValueError as e:
-            raise ValueError(f"classifier guidance takes its labels from shapes captions: {e}") from e
-        return {head: getattr(spec, head) for head in self.labels}
+            raise ValueError(f"classifier guidance cannot label caption {prompt!r}: {e}") from e
+        missing = sorted(set(self.labels) - set(found))
+        if missing:
+            raise ValueError(f"caption {prompt!r} has no {missing} (the classifier's heads are {list(self.labels)})")
+        return {head: found[head] for head in self.labels}
 
     def _targets(self, labels: Sequence[Mapping[str, str]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{head: (class index (B,), whether the sample names this head (B,))}``; a sample may name a subset
@@ -134,7 +144,7 @@ class ClassifierGuidedPipeline:
     def _unconditional(self, n: int) -> Cond:
         """The base's learned null conditioning for ``n`` samples (what it learned as p(x))."""
         dropout = self.base.net["cond_dropout"]
-        cond = text_condition(self.base.net, self.base.frozen_text_encoder, [""] * n)
+        cond = self.base.condition([""] * n)
         leaking = [k for k in cond.set_fields() if k != "context_mask" and k not in dropout.p]
         if leaking:
             raise ValueError(f"the base model has no unconditional model for {leaking}: its conditioning dropout "
@@ -167,7 +177,7 @@ class ClassifierGuidedPipeline:
         settings = settings or SamplerSettings()
         base, n = self.base, len(items)
         if conditional:
-            cond = text_condition(base.net, base.frozen_text_encoder, prompts)
+            cond = base.condition(prompts)
             if not cond.set_fields():
                 raise ValueError("conditional=True, but the base model takes no text conditioning")
             uncond = base.net["cond_dropout"].null_like(cond) if base.net["cond_dropout"].p else None

@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from t2i.exports import ExportError, read_export
+from t2i.pipelines.decoder import DecoderPipeline
+from t2i.pipelines.prior import PriorPipeline
 from t2i.pipelines.sampling import SamplerSettings
-from t2i.pipelines.unclip_stages import DecoderPipeline, PriorPipeline, UpsamplerPipeline
+from t2i.pipelines.upsampler import UpsamplerPipeline
 
 
 @dataclass

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from t2i.conditioning.cond import Cond
+from t2i.conditioning.text_encoding import clip_text_condition
 from t2i.images import log_grid
-from t2i.pipelines.unclip_stages import DecoderPipeline, clip_text_condition
+from t2i.pipelines.decoder import DecoderPipeline
 from t2i.stages.diffusion import DiffusionStage
 
 GRID_SAMPLES = 8

@@ -23,13 +23,14 @@ from t2i.callbacks.nonfinite import SkippedStepsAware, optimizer_step_skipped
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
 from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
+from t2i.conditioning.text_encoding import text_condition
 from t2i.diffusion import diffusion_loss, make_schedule
 from t2i.images import log_grid
 from t2i.interop.unet_init import load_unet_weights
 from t2i.nn.ema import EMA
 from t2i.pipelines.autoencoder import load_autoencoder
-from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
 from t2i.pipelines.sampling import SamplerSettings
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 
 def _context_null_width(dropout: CondDropout) -> int | None:
@@ -223,9 +224,9 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
     def can_sample(self) -> bool:
         return self._reference is not None if self.uses_reference else bool(self.sample_prompts)
 
-    def pipeline(self) -> LatentDiffusionPipeline:
+    def pipeline(self) -> TextToImagePipeline:
         """The inference pipeline over the EMA weights (what the export will hold)."""
-        return LatentDiffusionPipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,
+        return TextToImagePipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,
                                        self.alphas_cumprod, self.prediction, self.image_size)
 
     def samples_on_this_rank(self) -> bool:

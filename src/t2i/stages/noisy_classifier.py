@@ -3,9 +3,9 @@
 The classifier ``p_φ(y | x_t, t)`` is trained with cross-entropy on ``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε``
 (Ho et al. 2020, eq. 4) with ``t ~ U{0, ..., T-1}``, on the SAME schedule ``ᾱ`` as the diffusion model it
 will guide: the guided sampler (`t2i.pipelines.classifier_guidance`) hands it the sampler's ``x_t`` and ``t``
-and refuses a classifier trained on another schedule. Labels come from the captions: each head is an
-attribute of the shapes dataset's `ShapeSpec` (``shape``, ``color``, ``size``, ``position``,
-``background``), read with `t2i.data.shapes.parse_caption`; a caption that does not parse is an error.
+and refuses a classifier trained on another schedule. Labels come from the captions through the stage's
+``label_fn`` (caption -> ``{head: class name}``; on the shapes dataset `t2i.data.shapes.caption_attributes`);
+a caption it cannot label, or that lacks a head, is an error.
 
 Validation draws ``t`` and the noise from a generator seeded by the batch index (the same ``x_t`` at every
 validation) and reports the accuracy of each head overall (``val/acc_<head>``, over uniform ``t``), per third
@@ -15,7 +15,6 @@ and on the clean images at ``t = 0`` (``val/acc_<head>_clean``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -25,27 +24,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from t2i.callbacks.nonfinite import SkippedStepsAware
-from t2i.data.shapes import ShapeSpec, parse_caption
 from t2i.diffusion import make_schedule, q_sample, sample_timesteps
 from t2i.diffusion.seeded_random import randn
 from t2i.nn.noisy_classifier import NoisyImageClassifier
+from t2i.pipelines.classifier_guidance import LabelFn
 
-ATTRIBUTES = tuple(f.name for f in dataclasses.fields(ShapeSpec) if f.type in (str, "str"))
 BUCKETS = 3  # timestep thirds for the per-noise-level accuracies; one more row counts the clean (t = 0) images
 
 
-def caption_labels(captions: Sequence[str], labels: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
-    """``{head: class indices (B,)}`` from captions: the head's attribute of each parsed caption, looked up in
+def caption_labels(captions: Sequence[str], labels: Mapping[str, Sequence[str]],
+                   label_fn: LabelFn) -> dict[str, torch.Tensor]:
+    """``{head: class indices (B,)}`` from captions: ``label_fn(caption)[head]`` of each caption, looked up in
     ``labels[head]`` (the head's class names in logit order)."""
     out: dict[str, list[int]] = {head: [] for head in labels}
     index = {head: {name: i for i, name in enumerate(names)} for head, names in labels.items()}
     for caption in captions:
         try:
-            spec = parse_caption(caption)
+            found = label_fn(caption)
         except ValueError as e:
-            raise ValueError(f"the noisy classifier reads its labels from shapes captions: {e}") from e
+            raise ValueError(f"the noisy classifier's label_fn cannot label caption {caption!r}: {e}") from e
         for head, classes in index.items():
-            value = getattr(spec, head)
+            if head not in found:
+                raise ValueError(f"caption {caption!r} has no {head} (label_fn gave {sorted(found)}); the "
+                                 f"classifier's heads are {list(index)} (model.labels)")
+            value = found[head]
             if value not in classes:
                 raise ValueError(f"caption {caption!r} has {head} {value!r}, which is not among the classifier's "
                                  f"classes {list(classes)} (model.labels.{head})")
@@ -58,8 +60,8 @@ class NoisyClassifierStage(SkippedStepsAware, L.LightningModule):
 
     Args:
         classifier: the network; its ``heads`` must be ``{head: len(labels[head])}``.
-        labels: ``{head: [class names]}``, e.g. ``{"shape": [circle, square, triangle]}``; a head is a
-            `ShapeSpec` attribute.
+        labels: ``{head: [class names]}``, e.g. ``{"shape": [circle, square, triangle]}``.
+        label_fn: caption -> ``{head: class name}`` (shapes: `t2i.data.shapes.caption_attributes`).
         optimizer / lr_scheduler: partials taking the parameters / the optimizer (stepped every step).
         schedule: `t2i.diffusion.make_schedule` arguments; must equal the guided diffusion model's.
         image_size: the training resolution (the guided sampler checks it against the diffusion model's).
@@ -71,13 +73,10 @@ class NoisyClassifierStage(SkippedStepsAware, L.LightningModule):
     stage_name = "classifier"
 
     def __init__(self, classifier: NoisyImageClassifier, labels: Mapping[str, Sequence[str]], optimizer: partial,
-                 lr_scheduler: partial | None = None, schedule: dict | None = None, image_size: int = 64):
+                 label_fn: LabelFn, lr_scheduler: partial | None = None, schedule: dict | None = None,
+                 image_size: int = 64):
         super().__init__()
         labels = {str(k): [str(c) for c in v] for k, v in dict(labels).items()}
-        unknown = sorted(set(labels) - set(ATTRIBUTES))
-        if unknown:
-            raise ValueError(f"labels name {unknown}, which are not shapes attributes; heads must be among "
-                             f"{list(ATTRIBUTES)}")
         for head, names in labels.items():
             if len(set(names)) != len(names):
                 raise ValueError(f"labels.{head} repeats a class: {names}")
@@ -86,7 +85,7 @@ class NoisyClassifierStage(SkippedStepsAware, L.LightningModule):
             raise ValueError(f"incompatible input: the classifier's heads {dict(classifier.heads)} do not match "
                              f"the labels' class counts {expected}; set model.classifier.heads to match "
                              f"model.labels")
-        self.classifier, self.labels = classifier, labels
+        self.classifier, self.labels, self.label_fn = classifier, labels, label_fn
         self.register_buffer("alphas_cumprod", make_schedule(**(schedule or {})), persistent=False)
         self.image_size = image_size
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -109,7 +108,7 @@ class NoisyClassifierStage(SkippedStepsAware, L.LightningModule):
         if x0.shape[-1] != self.image_size or x0.shape[-2] != self.image_size:
             raise ValueError(f"the classifier trains at {self.image_size}px (model.image_size) but the batch holds "
                              f"{tuple(x0.shape[-2:])} images; set data.resolution to match")
-        targets = {k: v.to(self.device) for k, v in caption_labels(batch["caption"], self.labels).items()}
+        targets = {k: v.to(self.device) for k, v in caption_labels(batch["caption"], self.labels, self.label_fn).items()}
         t = sample_timesteps(x0.shape[0], self.T, generator=generator, device=x0.device)
         noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         logits = self.classifier(q_sample(x0, t, noise, self.alphas_cumprod), t)

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.conditioning.cond import Cond
+from t2i.conditioning.text_encoding import clip_text_condition
 from t2i.nn.embedding_scale import EmbeddingScale
-from t2i.pipelines.unclip_stages import PriorPipeline, clip_text_condition
+from t2i.pipelines.prior import PriorPipeline
 from t2i.stages.diffusion import DiffusionStage
 
 

@@ -18,7 +18,7 @@ from t2i.conditioning.cond import Cond
 from t2i.conditioning.lowres import LowResDegradation, downsample
 from t2i.diffusion.seeded_random import randint
 from t2i.images import log_grid
-from t2i.pipelines.unclip_stages import UpsamplerPipeline
+from t2i.pipelines.upsampler import UpsamplerPipeline
 from t2i.stages.diffusion import DiffusionStage
 
 GRID_SAMPLES = 8
