@@ -56,7 +56,7 @@ test-slow: $(DEV)  ## run the slow tests too
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: $(DEV)  ## ruff
-	$(VENV)/bin/ruff check src tests data_prep benchmarks
+	$(VENV)/bin/ruff check src tests data_prep benchmarks tools
 
 bench: data  ## data-throughput and VAE-throughput benchmarks (prints figures)
 	$(PY) benchmarks/data_throughput.py
@@ -65,7 +65,7 @@ claims: $(DEV)  ## the papers' claims in miniature -> docs/claims.md (after trai
 	$(PY) benchmarks/claims.py $(ARGS)
 
 config-docs: $(DEV)  ## regenerate docs/configuration.md from configs/ (ARGS=--check: fail if it is stale)
-	$(PY) -m t2i.cli.config_reference $(ARGS)
+	$(PY) tools/config_reference $(ARGS)
 
 clean:  ## remove runs and generated data (keeps .venv)
 	rm -rf runs data

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from train_throughput_setup import write_vae_export
+from train_throughput import write_vae_export
 
 from t2i.cli.config import compose_config
 from t2i.eval.shapes import eval_prompts

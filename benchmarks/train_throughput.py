@@ -7,8 +7,8 @@ model FLOPs per image and MFU, one table row per strategy.
 
 Each run is a short training of the real stage (`t2i.stages.diffusion.DiffusionStage`) through the real entry
 point (`t2i.cli.train.train` on the composed Hydra config, `strategy=<name>` picking `configs/strategy/<name>.yaml`),
-one subprocess per strategy (DeepSpeed and DDP state does not reset inside a process); this process prints the
-table. Data: synthetic shards written into a temp dir (precomputed ``latent.npy``, `model.latents_from=batch`)
+one subprocess per strategy (this script again, with the hidden ``--child``: DeepSpeed and DDP state does not
+reset inside a process); this process prints the table. Data: synthetic shards written into a temp dir (precomputed ``latent.npy``, `model.latents_from=batch`)
 and a tiny random VAE export (the stage loads its first stage even when the latents come precomputed).
 
 - ``--config tiny``: the `experiment=tiny/ldm` stage (7.0M-parameter UNet on 4x8x8 latents, its small text
@@ -59,16 +59,230 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the train_throughput_* modules beside this script
-
+import lightning as L
 import torch
-from train_throughput_child import child
-from train_throughput_flops import count_flops, peak_flops
-from train_throughput_setup import compose, latent_side, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
+CAPTION_WORDS = ("a", "small", "large", "red", "blue", "green", "circle", "square", "triangle", "in", "the",
+                 "top", "left", "center", "on", "white", "black", "background")
+# bf16 dense tensor-core peaks (no sparsity), matched in order against the lower-cased device name
+PEAK_TFLOPS = (("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("gh200", 989.0), ("a100", 312.0))
+
+
+# ---- one run: its Hydra overrides ---------------------------------------------------------------------------
+def latent_side(config: str) -> int:
+    return 32 if config == "sd" else 8
+
+
+def overrides(args, work: Path, strategy: str) -> list[str]:
+    """The Hydra overrides of one benchmark run (the same composition `python -m t2i.cli.train` would do)."""
+    cuda = args.device.startswith("cuda")
+    precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    common = [
+        f"run_dir={work / 'runs' / strategy}", f"strategy={strategy}", "logger=csv", "callbacks.checkpoint=null",
+        "export=false", "final_validation=false", f"data.train_manifest={work / 'data'}", "data.val_manifest=null",
+        "data.resolution=0", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
+        f"data.pin_memory={str(cuda).lower()}", f"model.first_stage_export={work / 'vae'}",
+        "model.latents_from=batch", "model.sample_every_n_steps=0", "model.sample_prompts=[]",
+        f"trainer.accelerator={'gpu' if cuda else 'cpu'}", "trainer.devices=1", f"trainer.precision={precision}",
+        f"trainer.max_steps={args.warmup + args.steps + 1}", "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+    ]
+    if args.config == "tiny":
+        specific = ["experiment=tiny/ldm", "data.array_fields=[latent.npy]"]
+    else:
+        heads = ([f"model.denoiser.num_head_channels={args.head_channels}"] if args.head_channels > 0
+                 else ["model.denoiser.num_head_channels=-1", "model.denoiser.num_heads=8"])
+        specific = ["experiment=ldm/ldm", "model.image_size=256",
+                    "data.array_fields=[latent.npy,text_tokens.npy,text_mask.npy,text_pooled.npy]",
+                    "model.text_encoder.arch=ViT-L-14", f"model.text_encoder.checkpoint_path={work / 'text.safetensors'}",
+                    "model.text_encoder.layer=last", "model.text_encoder.context_length=77",
+                    "model.denoiser.context_dim=768", "model.cond_dropout.context_dim=768", *heads]
+    return [*specific, *common, *args.override]
+
+
+def compose(args, work: Path, strategy: str, extra: tuple[str, ...] = ()):
+    from t2i.cli.config import compose_config
+    return compose_config([*overrides(args, work, strategy), *extra])
+
+
+# ---- one run: its synthetic inputs --------------------------------------------------------------------------
+def write_vae_export(folder: Path, config: str) -> None:
+    """A tiny random KL autoencoder export with 4 latent channels and the downsampling of the config's latents
+    (tiny: 32px -> 8x8, f=4; sd: 256px -> 32x32, f=8): the stage loads it and checks the UNet's channels and the
+    latents' shape against it, but never runs it when the latents come from the batch."""
+    from t2i.exports import write_export
+    from t2i.nn.autoencoder import AutoencoderKL
+    node = {"_target_": "t2i.nn.autoencoder.AutoencoderKL", "in_channels": 3, "out_channels": 3, "base_channels": 8,
+            "channel_mult": [1, 2, 2, 2] if config == "sd" else [1, 2, 2], "num_res_blocks": 1, "latent_channels": 4, "attn_in_mid": False,
+            "num_groups": 4}
+    vae = AutoencoderKL(**{k: v for k, v in node.items() if k != "_target_"})
+    write_export(folder, "autoencoder", {f"autoencoder.{k}": v for k, v in vae.state_dict().items()},
+                 {"model": {"autoencoder": node}}, metrics={"latent_scale": 0.18215})
+
+
+def write_text_checkpoint(path: Path) -> None:
+    """Random weights of the OpenCLIP ViT-L/14 text tower (SD 1.5's text width, 768) in a local file, for the
+    frozen encoder of the sd config (its states are precomputed in the shards, so it never runs)."""
+    from safetensors.torch import save_file
+
+    from t2i.conditioning.text import OpenClipTextEncoder
+    tower, _ = OpenClipTextEncoder.build_tower("ViT-L-14", False)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tower.state_dict().items()}, str(path))
+
+
+def write_shards(folder: Path, config: str, n: int, shard_size: int = 64) -> None:
+    """``n`` samples with a caption and a precomputed ``latent.npy`` (4 x side x side, float16); sd: plus the
+    precomputed text states of a 768-wide encoder (77 tokens, all real, as SD conditions on all 77)."""
+    import numpy as np
+
+    from t2i.data.derived import npy_bytes, write_tar_atomic
+    from t2i.data.manifest import ShardInfo, write_manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    side, infos = latent_side(config), []
+    for s in range(math.ceil(n / shard_size)):
+        samples = []
+        for i in range(min(shard_size, n - s * shard_size)):
+            caption = " ".join(rng.choice(CAPTION_WORDS, size=int(rng.integers(6, 12))))
+            fields = {"txt": caption.encode(),
+                      "latent.npy": npy_bytes(rng.standard_normal((4, side, side), dtype=np.float32).astype(np.float16))}
+            if config == "sd":
+                fields["text_tokens.npy"] = npy_bytes(rng.standard_normal((77, 768), dtype=np.float32).astype(np.float16))
+                fields["text_mask.npy"] = npy_bytes(np.ones(77, dtype=bool))
+                fields["text_pooled.npy"] = npy_bytes(rng.standard_normal(768, dtype=np.float32))
+            samples.append((f"s{s:04d}x{i:05d}", fields))
+        path = folder / f"shard-{s:06d}.tar"
+        write_tar_atomic(path, samples)
+        infos.append(ShardInfo(str(path), len(samples)))
+    write_manifest(folder, infos)
+
+
+def prepare(args, work: Path) -> None:
+    # one epoch holds every step: no loader restart inside the timed window
+    write_shards(work / "data", args.config, args.batch * (args.warmup + args.steps + 2))
+    write_vae_export(work / "vae", args.config)
+    if args.config == "sd":
+        write_text_checkpoint(work / "text.safetensors")
+
+
+# ---- FLOPs per image and the device's peak (MFU) ------------------------------------------------------------
+def count_flops(cfg, batch: int, side: int) -> tuple[float, float, int]:
+    """(forward FLOPs, forward + backward FLOPs, parameters) of the configured UNet at ``batch``, on meta tensors."""
+    from hydra.utils import instantiate
+    from torch.utils.flop_counter import FlopCounterMode
+    if cfg.model.get("text_encoder") is None:
+        tokens = 0
+    elif cfg.model.text_encoder.get("context_length"):
+        tokens = int(cfg.model.text_encoder.context_length)
+    else:
+        tokens = 77
+    with torch.device("meta"):
+        unet = instantiate(cfg.model.denoiser)
+        x = torch.randn(batch, unet.in_channels, side, side)
+        t = torch.randint(0, 1000, (batch,))
+        kwargs = {}
+        if unet.context_dim is not None:
+            kwargs = {"context": torch.randn(batch, max(tokens, 1), unet.context_dim),
+                      "context_mask": torch.ones(batch, max(tokens, 1), dtype=torch.bool)}
+        if unet.vector_dim:
+            kwargs["vector"] = torch.randn(batch, unet.vector_dim)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = unet(x, t, **kwargs)
+        forward = counter.get_total_flops()
+        out.float().square().mean().backward()
+    return float(forward), float(counter.get_total_flops()), sum(p.numel() for p in unet.parameters())
+
+
+def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    name = device_name.lower()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS if key in name), None)
+
+
+# ---- the child: one timed training run (this file run with --child) -----------------------------------------
+class StepTimer(L.Callback):
+    """Clocks each training batch (synchronizing CUDA first); after ``warmup + steps`` batches writes the figures
+    to ``result`` and ends the process (no final checkpoint, no export: they are not what is measured)."""
+
+    def __init__(self, warmup: int, steps: int, result: str, channels_last: bool = False):
+        self.warmup, self.steps, self.result, self.channels_last = warmup, steps, result, channels_last
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def _clock(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # before the strategy moves and wraps the module; ZeRO flattens parameters into its own contiguous
+        # buffers and fails on channels_last ones, so under DeepSpeed only the inputs (and so the activations,
+        # which cuDNN keeps in the input's layout) are channels_last
+        self.layout = "nchw"
+        if self.channels_last:
+            self.layout = "channels_last"
+            if "DeepSpeed" in type(trainer.strategy).__name__:
+                self.layout = "channels_last inputs"
+            else:
+                pl_module.net["denoiser"].to(memory_format=torch.channels_last)
+                if getattr(pl_module, "ema", None) is not None:
+                    pl_module.ema.module["denoiser"].to(memory_format=torch.channels_last)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.starts.append(self._clock(pl_module))
+        if len(self.starts) > self.warmup + self.steps:
+            self._finish(trainer, pl_module)
+        if self.channels_last and isinstance(batch.get("latent"), torch.Tensor):
+            batch["latent"] = batch["latent"].contiguous(memory_format=torch.channels_last)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.ends.append(self._clock(pl_module))
+
+    def _finish(self, trainer, pl_module) -> None:
+        w, n = self.warmup, self.steps
+        cuda = pl_module.device.type == "cuda"
+        world = trainer.world_size  # devices x nodes
+        precision = str(trainer.precision)
+        autocast = getattr(trainer.strategy.precision_plugin, "autocast_dtype", None)
+        if autocast is not None and precision.startswith("32"):  # t2i's DeepSpeed: autocast over fp32 weights
+            precision = "bf16-mixed" if autocast == torch.bfloat16 else f"{autocast}-mixed"
+        result = {
+            "ok": True,
+            "iter_s": (self.starts[w + n] - self.starts[w]) / n,
+            "step_s": sum(self.ends[i] - self.starts[i] for i in range(w, w + n)) / n,
+            "global_batch": trainer.datamodule.batch_size * world * trainer.accumulate_grad_batches,
+            "world_size": world,
+            "precision": precision,
+            "layout": self.layout,
+            "strategy_class": type(trainer.strategy).__name__,
+            "device": (torch.cuda.get_device_name(pl_module.device) if cuda
+                       else f"CPU ({torch.get_num_threads()} threads)"),
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(pl_module.device) if cuda else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(pl_module.device) if cuda else None,
+        }
+        Path(self.result).write_text(json.dumps(result))
+        print(f"[train_throughput] {json.dumps(result)}", flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # skip teardown: the final checkpoint of an SD-sized run is ~14 GB
+
+
+def child(args, work: Path) -> None:
+    from t2i.cli.train import train
+    result = work / f"{args.child}.json"
+    # the child runs this file as a script: `__main__.StepTimer`, which Hydra finds in sys.modules
+    timer = [f"+callbacks.throughput._target_={__name__}.StepTimer", f"+callbacks.throughput.warmup={args.warmup}",
+             f"+callbacks.throughput.steps={args.steps}", f"+callbacks.throughput.result={result}",
+             f"+callbacks.throughput.channels_last={str(args.channels_last).lower()}"]
+    cfg = compose(args, work, args.child, tuple(timer))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    train(cfg)
+    raise SystemExit(f"training ended after fewer than {args.warmup + args.steps + 1} batches")
 
 
 # ---- the parent: data, FLOPs, one subprocess per strategy, the table ----------------------------------------

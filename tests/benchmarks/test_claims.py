@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from t2i_testing import (
@@ -20,6 +22,7 @@ from t2i_testing import (
 )
 
 from t2i.allowed_targets import TargetError
+from t2i.eval.intervals import Z95
 
 
 def _claims():
@@ -56,27 +59,40 @@ VERDICTS = ("Agrees:", "Does not agree:", "Inconclusive:")
 
 
 def test_three_way_verdicts_follow_the_intervals():
-    common = _module("claims_common")
+    claims = _claims()
     a = {"all": 0.9, "fid": 0.1, "ci": {"all": [0.85, 0.94], "fid": [0.08, 0.12]}}
     b = {"all": 0.7, "fid": 0.2, "ci": {"all": [0.62, 0.77], "fid": [0.11, 0.25]}}
-    assert common.better(a, b, "all") == 1 and common.better(b, a, "all") == -1
-    assert common.better(a, b, "fid", lower_is_better=True) == 0  # the FID intervals overlap
-    assert common.three_way([1, 1]) == "Agrees" and common.three_way([1, 0]) == "Inconclusive"
-    assert common.three_way([1, -1]) == "Does not agree" and common.three_way([]) == "Inconclusive"
-    assert common.three_way([1, 0], any_suffices=True) == "Agrees"
-    assert common.cell(a, "all") == "90.0% [85.0, 94.0]" and common.cell(a, "fid") == "0.1000 [0.0800, 0.1200]"
+    assert claims.better(a, b, "all") == 1 and claims.better(b, a, "all") == -1
+    assert claims.better(a, b, "fid", lower_is_better=True) == 0  # the FID intervals overlap
+    assert claims.three_way([1, 1]) == "Agrees" and claims.three_way([1, 0]) == "Inconclusive"
+    assert claims.three_way([1, -1]) == "Does not agree" and claims.three_way([]) == "Inconclusive"
+    assert claims.three_way([1, 0], any_suffices=True) == "Agrees"
+    assert claims.cell(a, "all") == "90.0% [85.0, 94.0]" and claims.cell(a, "fid") == "0.1000 [0.0800, 0.1200]"
 
 
-def _module(name):
-    _claims()  # puts benchmarks/ on sys.path
-    return importlib.import_module(name)
+def test_bootstrap_interval_of_a_mean_covers_its_sampling_spread():
+    bootstrap = _claims().bootstrap
+    rng = np.random.default_rng(0)
+    sample = rng.normal(3.0, 2.0, size=400)
+    low, high = bootstrap(sample, np.mean, resamples=400, seed=1)
+    half = Z95 * 2.0 / math.sqrt(400)  # the mean's 95% half-width
+    assert low < sample.mean() < high and abs((high - low) / 2 - half) < 0.25 * half
+    assert bootstrap(sample, np.mean, resamples=400, seed=1) == (low, high)
+    with pytest.raises(ValueError):
+        bootstrap(sample[:1], np.mean)
+
+
+def test_overlap():
+    overlap = _claims().overlap
+    assert overlap((0.1, 0.3), (0.3, 0.5)) and overlap((0.2, 0.4), (0.1, 0.5))
+    assert not overlap((0.1, 0.2), (0.3, 0.4)) and not overlap((0.3, 0.4), (0.1, 0.2))
 
 
 def test_retrain_config_moves_every_path_and_applies_changes(tiny_ldm_export, tmp_path):
-    training = _module("claims_training")
-    cfg = training.retrain_config(tiny_ldm_export, tmp_path / "again", **{"model.latents_from": "pixels",
-                                                                         "trainer.max_time": "00:00:00:03"})
-    old_run = str(training.export_config(tiny_ldm_export)["run_dir"])
+    claims = _claims()
+    cfg = claims.retrain_config(tiny_ldm_export, tmp_path / "again", **{"model.latents_from": "pixels",
+                                                                       "trainer.max_time": "00:00:00:03"})
+    old_run = str(claims.export_config(tiny_ldm_export)["run_dir"])
     assert old_run not in json.dumps(cfg), "a path still points into the export's own run folder"
     assert cfg["run_dir"] == str(tmp_path / "again") and cfg["export_dir"].startswith(str(tmp_path / "again"))
     assert cfg["callbacks"]["checkpoint"]["dirpath"].startswith(str(tmp_path / "again"))
@@ -89,7 +105,7 @@ def test_retrain_config_moves_every_path_and_applies_changes(tiny_ldm_export, tm
 def test_retraining_checks_every_target_of_the_export_config(tiny_ldm_export, tmp_path):
     """The claims retrain an export's whole config (trainer, callbacks, data, model): each ``_target_`` is checked
     against t2i.allowed_targets first, so a tampered one runs nothing."""
-    training = _module("claims_training")
+    claims = _claims()
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil"
     shutil.copytree(tiny_ldm_export, evil)
@@ -97,7 +113,7 @@ def test_retraining_checks_every_target_of_the_export_config(tiny_ldm_export, tm
     config["callbacks"]["writer"] = {"_target_": "torch.utils.tensorboard.SummaryWriter", "log_dir": str(marker)}
     (evil / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     with pytest.raises(TargetError, match=r"callbacks\.writer\._target_='torch\.utils\.tensorboard"):
-        training.retrain_config(evil, tmp_path / "again")
+        claims.retrain_config(evil, tmp_path / "again")
     assert not marker.exists()
 
 

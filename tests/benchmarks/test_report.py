@@ -26,7 +26,7 @@ def _load(name: str):
 
 @pytest.fixture(autouse=True)
 def _bench_on_path(monkeypatch):
-    # as when a script runs as `python benchmarks/<name>.py`: its folder (so `report`) is importable
+    # as when a script runs as `python benchmarks/<name>.py`: its folder (so `report_record`) is importable
     monkeypatch.syspath_prepend(str(BENCH))
 
 
@@ -34,8 +34,8 @@ def _bench_on_path(monkeypatch):
 def tiny_records(tmp_path_factory):
     """Four benchmarks run for real at tiny settings, each writing its record into one folder."""
     pytest.importorskip("diffusers")
-    sys.path.insert(0, str(BENCH))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))  # the scripts' `report_record`, as when each runs from benchmarks/
         from t2i_testing import make_shard_set
         root = tmp_path_factory.mktemp("bench")
         shards = make_shard_set(root / "shards", [24, 24], image_size=16).parent
@@ -50,8 +50,6 @@ def tiny_records(tmp_path_factory):
         for name, argv in runs.items():
             _load(name).main([*argv, "--json", str(out)])
         return out
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _records(folder):
@@ -152,8 +150,8 @@ def test_pivot_rows_nulls_notes_and_cli(tmp_path):
 
 def test_committed_report_matches_committed_records():
     """docs/performance.md is generated: it must be what `report.py write` makes of benchmarks/results."""
-    page = _load("report_render")
-    assert (REPO / "docs" / "performance.md").read_text() == page.render(page.load_records(BENCH / "results"))
+    report = _load("report")
+    assert (REPO / "docs" / "performance.md").read_text() == report.render(report.load_records(BENCH / "results"))
 
 
 @pytest.mark.slow

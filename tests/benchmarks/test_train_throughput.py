@@ -12,13 +12,12 @@ import sys
 from t2i_testing import REPO
 
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
-FLOPS = REPO / "benchmarks" / "train_throughput_flops.py"  # count_flops, peak_flops
 COLUMNS = ["strategy", "global batch", "images/s", "step ms", "in-step ms", "peak mem GiB", "GFLOP/image", "TFLOP/s",
            "MFU", "precision", "layout"]
 
 
-def _load_flops():
-    spec = importlib.util.spec_from_file_location("train_throughput_flops", FLOPS)
+def _load():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -66,7 +65,7 @@ def test_cpu_ddp_row_has_throughput_flops_and_mfu(tmp_path):
 
 
 def test_flops_and_peak_lookup():
-    tt = _load_flops()
+    tt = _load()
     assert tt.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12
     assert tt.peak_flops("NVIDIA H100 PCIe", None) == 756e12
     assert tt.peak_flops("NVIDIA H200", None) == 989e12

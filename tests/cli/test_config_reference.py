@@ -1,15 +1,34 @@
-"""docs/configuration.md is generated from configs/ and kept up to date (python -m t2i.cli.config_reference)."""
+"""docs/configuration.md is generated from configs/ and kept up to date (python tools/config_reference)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
+import subprocess
+import sys
 
 import pytest
+from t2i_testing import REPO
 
-from t2i.cli import config_reference as cr
 from t2i.cli.config import config_dir
-from t2i.cli.config_markdown import esc
-from t2i.cli.config_yaml import fmt_value, parse_yaml_text
+
+TOOL = REPO / "tools" / "config_reference"
+
+
+def _tool():
+    """The generator's command-line module and its parts, imported as `python tools/config_reference` imports
+    them: with the tool's folder first on sys.path."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(TOOL))
+        spec = importlib.util.spec_from_file_location("config_reference", TOOL / "__main__.py")
+        main = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(main)
+        return main, importlib.import_module("config_markdown"), importlib.import_module("config_yaml")
+
+
+cr, config_markdown, config_yaml = _tool()
+esc, fmt_value, parse_yaml_text = config_markdown.esc, config_yaml.fmt_value, config_yaml.parse_yaml_text
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +39,7 @@ def generated() -> str:
 def test_committed_reference_is_up_to_date(generated):
     committed = cr.default_out().read_text()
     assert committed == generated, (
-        "docs/configuration.md is stale: regenerate it with `python -m t2i.cli.config_reference` "
+        "docs/configuration.md is stale: regenerate it with `python tools/config_reference` "
         "(make config-docs) and commit it")
 
 
@@ -36,7 +55,7 @@ def test_comments_values_and_constructor_defaults(generated):
     assert ("| `global_batch_size` | `null` | fix the global batch: accumulation = this / "
             "(data.batch_size x devices x nodes) |") in generated
     # a comment on the lines directly above a key (experiment/tiny/imagen_base.yaml: model.sampler)
-    assert "| `model.sampler` | `{steps: 25, eta: 0.0, guidance_scale: 3.0, thresholding: static, " in generated
+    assert "| `model.sampler` | `{steps: 25, guidance_scale: 3.0, thresholding: static}` | 100 held-out" in generated
     assert "100 held-out prompts, DDIM 25 steps, CFG 3" in generated
     # constructor arguments the YAML does not set, with their Python defaults
     assert "| `model.autoencoder.gradient_checkpointing` | `false` | `AutoencoderKL` |" in generated
@@ -61,7 +80,15 @@ def test_check_flag(tmp_path, monkeypatch, generated, capsys):
     out.write_text(generated.replace("fix the global batch", "fix the batch"))
     assert cr.main(["--check", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "out of date" in err and "python -m t2i.cli.config_reference" in err and "-| `global_batch_size`" in err
+    assert "out of date" in err and "python tools/config_reference" in err and "-| `global_batch_size`" in err
+
+
+def test_runs_as_a_folder():
+    # as `make config-docs` runs it: the parts import from the folder Python puts first on sys.path
+    proc = subprocess.run([sys.executable, str(TOOL), "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--check" in proc.stdout and "python tools/config_reference" in proc.stdout
 
 
 def test_parse_yaml_text():

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config_yaml import YamlFile, display_value, load_yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from t2i.cli.config import config_dir
-from t2i.cli.config_yaml import YamlFile, display_value, load_yaml
 
 ROOT_CONFIG = "train.yaml"
 EXPERIMENT_GROUP = "experiment"
@@ -116,12 +116,30 @@ def target_nodes(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
 
 
 def merged_data(tree: Tree, group: str, f: YamlFile) -> dict:
-    """A group option's mapping with the same-group options of its defaults list merged under it (e.g.
-    data/webdataset over data/shapes), so that inherited keys count as set."""
+    """A group option's mapping with what its defaults list brings merged under it, so that those keys count as
+    set: same-group options it inherits (data/webdataset over data/shapes) and subgroup options (a model's
+    ``optimizer: adamw`` at ``model.optimizer``, ``optimizer@disc_optimizer`` at ``model.disc_optimizer``, a
+    ``# @package model`` option at the model's own keys)."""
     base = OmegaConf.create({})
+    prefix = package_of(f, group)
     for name, option, _ in defaults_entries(f):
         if option is None and name in tree.groups.get(group, {}):
             base = OmegaConf.merge(base, merged_data(tree, group, tree.groups[group][name]))
+            continue
+        sub, _, rename = name.lstrip("/").partition("@")
+        subgroup = sub if sub.startswith(group + "/") else f"{group}/{sub}"
+        sub_f = tree.groups.get(subgroup, {}).get(option) if isinstance(option, str) else None
+        if sub_f is None:
+            continue
+        package = package_of(sub_f, subgroup)
+        if rename:
+            package = ".".join([*package.split(".")[:-1], rename])
+        if package != prefix and not package.startswith(prefix + "."):
+            continue  # lands outside this option's keys
+        node: dict = {k: v for k, v in merged_data(tree, subgroup, sub_f).items()}
+        for key in reversed(package[len(prefix):].lstrip(".").split(".") if package != prefix else []):
+            node = {key: node}
+        base = OmegaConf.merge(base, OmegaConf.create(node))
     own = {k: v for k, v in f.data.items() if k != "defaults"}
     return OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.create(own)), resolve=False)
 

@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from hydra._internal.utils import _locate
+from hydra.utils import get_object
 
 
 @dataclass
@@ -42,7 +42,7 @@ def target_params(target: str) -> TargetParams:
     ``__init__`` takes ``**kwargs`` and hands them to ``super().__init__``, the base class's parameters that
     the call does not set follow (repeatedly up the MRO)."""
     try:
-        obj = _locate(target)
+        obj = get_object(target)
         sig = inspect.signature(obj)
     except Exception as e:  # noqa: BLE001 - reported in the output instead
         return TargetParams(target, [], False, f"{type(e).__name__}: {e}")

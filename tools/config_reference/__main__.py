@@ -1,8 +1,8 @@
 """Write the configuration reference (docs/configuration.md) from the Hydra config tree.
 
-    python -m t2i.cli.config_reference                 # (re)write docs/configuration.md
-    python -m t2i.cli.config_reference --out ref.md    # elsewhere ("-": stdout)
-    python -m t2i.cli.config_reference --check         # exit 1 when docs/configuration.md is stale (CI)
+    python tools/config_reference                 # (re)write docs/configuration.md
+    python tools/config_reference --out ref.md    # elsewhere ("-": stdout)
+    python tools/config_reference --check         # exit 1 when docs/configuration.md is stale (CI)
 
 The reference lists the root config's keys, every option of every config group and every experiment, each
 key with the value written in its YAML file and the comment written next to it (or on the lines directly
@@ -11,9 +11,12 @@ above it), and for every ``_target_`` the constructor arguments that the YAML le
 does) for the table of what each one uses. The output is deterministic: no timestamps, groups in the root
 defaults-list order, options and experiments sorted by name.
 
-The parts: ``config_yaml`` reads one YAML file, ``config_tree`` walks the tree and composes the experiments,
-``config_targets`` reads constructor signatures, ``config_markdown`` renders the sections; this module puts
-the page together and is the command line.
+The parts, modules beside this one: ``config_yaml`` reads one YAML file, ``config_tree`` walks the tree and
+composes the experiments, ``config_targets`` reads constructor signatures, ``config_markdown`` renders the
+sections; this module puts the page together and is the command line. Run as a folder, Python puts the folder
+first on ``sys.path``, so the parts import as top-level modules; they keep their ``config_`` prefix because,
+first on the path, a bare ``yaml`` or ``markdown`` would shadow the installed packages of those names. The tool
+reads the installed ``t2i`` (``config_dir``, the ``_target_`` classes) but is not part of the package.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import difflib
 import sys
 from pathlib import Path
 
-from t2i.cli.config import config_dir
-from t2i.cli.config_markdown import anchor, render_experiments, render_group, render_root
-from t2i.cli.config_targets import TargetParams
-from t2i.cli.config_tree import ROOT_CONFIG, compose_experiments, group_order, read_tree
+from config_markdown import anchor, render_experiments, render_group, render_root
+from config_targets import TargetParams
+from config_tree import ROOT_CONFIG, compose_experiments, group_order, read_tree
 
-GENERATOR = "python -m t2i.cli.config_reference"
+from t2i.cli.config import config_dir
+
+GENERATOR = "python tools/config_reference"
 
 
 def generate(root: Path | None = None) -> str:

@@ -7,8 +7,8 @@ import inspect
 import re
 from typing import Any
 
-from t2i.cli.config_targets import TargetParams, target_params
-from t2i.cli.config_tree import (
+from config_targets import TargetParams, target_params
+from config_tree import (
     EXPERIMENT_GROUP,
     ROOT_CONFIG,
     Tree,
@@ -23,7 +23,7 @@ from t2i.cli.config_tree import (
     root_choices,
     target_nodes,
 )
-from t2i.cli.config_yaml import YamlFile, fmt_value
+from config_yaml import YamlFile, fmt_value
 
 
 def esc(text: str) -> str:
