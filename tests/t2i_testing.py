@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from t2i.data.manifest import ShardInfo, write_manifest
+from t2i.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeSpec
 from t2i.exports import read_export as _read_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +82,7 @@ def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: st
             "data.min_samples_for_check=100000", f"model.first_stage_export={vae_export}",
             "model.denoiser.model_channels=16", "model.denoiser.num_head_channels=8", "model.denoiser.num_groups=4",
             "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
-            "model.denoiser.context_dim=32", "model.cond_dropout.context_dim=32", "model.sample_prompts=[]",
-            "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
+            "model.sample_prompts=[]", "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
 
 
 TINY_CLIP_CONFIG = ("{embed_dim:32,quick_gelu:false,"
@@ -302,3 +302,9 @@ def classifier_overrides(shapes, run_dir, *extra):
             f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
             "data.min_samples_for_check=100000", "logger=csv", "trainer.limit_val_batches=2",
             "model.classifier.model_channels=8", "model.classifier.num_groups=4", *extra]
+
+
+def all_specs() -> list[ShapeSpec]:
+    """Every attribute combination of the shapes dataset (972), without jitter."""
+    return [ShapeSpec(sh, c, sz, p, b) for sh in SHAPES for c in COLORS for sz in SIZES
+            for p in POSITIONS for b in BACKGROUNDS]

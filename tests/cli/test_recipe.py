@@ -11,6 +11,7 @@ import pytest
 import yaml
 from t2i_testing import REPO, recipe_strategy_overrides, tiny_ldm_overrides, tiny_overrides
 
+from t2i.cli.config import compose_config
 from t2i.cli.recipe import FORCE, RETRAIN, RUN, SKIP, TRAIN, PlannedStep, RecipeError, RecipeRunner, main
 from t2i.exports import STAGE
 
@@ -87,6 +88,18 @@ def test_stage_references_resolve_inside_list_and_dict_arguments(tmp_path):
     runner.exports["vae"] = {"export": tmp_path / "vae" / "export", "hash": "abc", "run_dir": tmp_path / "vae"}
     value = runner._resolve_value({"list": ["${stage:vae}", 3], "nested": {"h": "${stage:vae.hash}"}, "n": 1})
     assert value == {"list": [str(tmp_path / "vae" / "export"), 3], "nested": {"h": "abc"}, "n": 1}
+
+
+def test_config_references_read_one_value_of_the_config_tree(tmp_path):
+    """The recipes' evaluation steps take the shapes sample prompts from the file the tiny experiments use."""
+    runner = RecipeRunner(write_recipe(tmp_path, tmp_path))
+    args = runner._resolve_value({"sample_prompts": "${config:sample_prompts/shapes.sample_prompts}", "n": 2})
+    assert args["sample_prompts"] == list(compose_config(["experiment=tiny/ldm"]).model.sample_prompts)
+    assert len(args["sample_prompts"]) == 8 and args["n"] == 2
+    with pytest.raises(RecipeError, match="has no 'nope'"):
+        runner._resolve_value("${config:sample_prompts/shapes.nope}")
+    with pytest.raises(RecipeError, match="whole value"):
+        runner._resolve_value("x ${config:sample_prompts/shapes.sample_prompts}")
 
 
 def test_only_a_command_step_runs_it_without_checking_later_stages(tmp_path):

@@ -9,7 +9,6 @@ from t2i.diffusion.schedule import (
     alphas_cumprod,
     cosine_betas,
     extract,
-    extract_alpha_bar,
     linear_betas,
     make_schedule,
     rescale_zero_terminal_snr,
@@ -86,7 +85,3 @@ def test_extract_shapes_and_values():
     assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float64
     assert torch.equal(out.flatten(), ac[t])
     assert extract(ac, 7, 3).shape == (1, 1, 1)
-    ab = extract_alpha_bar(ac, torch.tensor([-1, 0, 999]), 2)
-    assert ab.shape == (3, 1) and ab[0].item() == 1.0 and ab[1].item() == ac[0].item()
-    with pytest.raises(IndexError):
-        extract_alpha_bar(ac, 1000, 1)

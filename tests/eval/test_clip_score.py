@@ -7,19 +7,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2i.eval.clip_score import ClipEmbedder, ClipScore, clip_cosines, clip_score, clip_score_from_cosines
+from t2i.eval.clip_score import ClipEmbedder, ClipScore, clip_cosines, clip_score
+
+
+def _score_of_cosines(cosines: list[float]) -> float:
+    """The CLIP score of images whose cosines to the prompt "red" are `cosines` (see `_FakeEmbedder`)."""
+    cos = torch.tensor(cosines)
+    images = torch.stack([cos, (1 - cos**2).sqrt(), torch.zeros_like(cos)], dim=1)[:, :, None, None]
+    metric = ClipScore(_FakeEmbedder())
+    metric.update(images, ["red"] * len(cosines))
+    return metric.compute()
 
 
 def test_clip_score_is_100_times_the_mean_of_cosines_clipped_at_zero():
-    assert clip_score_from_cosines(torch.tensor([0.5, -0.2, 1.0])) == pytest.approx(100 * 1.5 / 3)
-    assert clip_score_from_cosines(torch.tensor([-0.3, -1.0])) == 0.0
+    assert _score_of_cosines([0.5, -0.2, 1.0]) == pytest.approx(100 * 1.5 / 3)
+    assert _score_of_cosines([-0.3, -1.0]) == 0.0
     e = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
     torch.testing.assert_close(clip_cosines(e, e), torch.ones(4))
     torch.testing.assert_close(clip_cosines(3 * e, -e), -torch.ones(4))  # scale-free
     with pytest.raises(ValueError, match="one shape"):
         clip_cosines(e, e[:3])
     with pytest.raises(ValueError, match="at least one"):
-        clip_score_from_cosines(torch.empty(0))
+        ClipScore(_FakeEmbedder()).compute()
 
 
 COLOURS = {"red": [1.0, 0.0, 0.0], "green": [0.0, 1.0, 0.0], "anti-red": [-1.0, 0.0, 0.0]}

@@ -120,12 +120,12 @@ def test_feature_stats_do_not_depend_on_how_samples_are_split_or_merged():
     whole = FeatureStats.of(x)
     torch.testing.assert_close(whole.mean, x.mean(0), atol=1e-9, rtol=0)
     torch.testing.assert_close(whole.cov, torch.cov(x.T), atol=1e-9, rtol=1e-10)
-    streamed = FeatureStats.from_batches(x.split(77))
-    ranks = [FeatureStats.of(part) for part in (x[:10], x[10:600], x[600:])]
+    streamed = feature_stats(lambda batch: batch, x.split(77))
+    parts = [FeatureStats.of(part) for part in (x[:10], x[10:600], x[600:])]
     merged = FeatureStats(8)
-    for part in reversed(ranks):  # any order
+    for part in reversed(parts):  # any order
         merged.merge(part)
-    for other in (streamed, merged, FeatureStats.from_state_dict(merged.state_dict()), merged.all_ranks()):
+    for other in (streamed, merged):
         assert other.n == 1000
         torch.testing.assert_close(other.mean, whole.mean, atol=1e-9, rtol=0)
         torch.testing.assert_close(other.cov, whole.cov, atol=1e-8, rtol=1e-10)

@@ -30,11 +30,10 @@ from t2i.interop.diffusers_export import export_diffusers, export_single_file
 from t2i.interop.scheduler import (
     ddim_timestep_mismatch,
     diffusers_alphas_cumprod,
-    diffusers_scheduler_config,
     scheduler_export,
 )
-from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition
 from t2i.pipelines.sampling import SamplerSettings
+from t2i.pipelines.text_to_image import TextToImagePipeline
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -111,10 +110,10 @@ def noise_for(seed: int = 3, n: int = 2) -> torch.Tensor:
 # ---- unet/ and vae/ --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_unet_and_vae_load_in_diffusers_and_match(exports, folders):
-    pipe = LatentDiffusionPipeline.from_export(exports["linear_eps"])
+    pipe = TextToImagePipeline.from_export(exports["linear_eps"])
     unet = UNet2DConditionModel.from_pretrained(folders["linear_eps"] / "unet").eval()
     vae = AutoencoderKL.from_pretrained(folders["linear_eps"] / "vae").eval()
-    cond = text_condition(pipe.net, pipe.frozen_text_encoder, PROMPTS)
+    cond = pipe.condition(PROMPTS)
     x, t = noise_for(), torch.tensor([17, 901])
     ours = pipe.net["denoiser"](x, t, context=cond.context, context_mask=cond.context_mask)
     theirs = unet(x, t, encoder_hidden_states=cond.context, encoder_attention_mask=cond.context_mask).sample
@@ -147,7 +146,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_scheduler_reproduces_our_schedule_and_timesteps(name, tmp_path):
     schedule, prediction, spacing, beta_schedule = SCHEDULES[name]
-    config = diffusers_scheduler_config(schedule, prediction, spacing=spacing)
+    config = scheduler_export(schedule, prediction, spacing=spacing).config
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     sched = DDIMScheduler.from_pretrained(tmp_path / "scheduler")
@@ -169,9 +168,9 @@ def test_scheduler_reproduces_our_schedule_and_timesteps(name, tmp_path):
 
 
 def test_scheduler_reports_timesteps_it_cannot_reproduce():
-    config = diffusers_scheduler_config({"kind": "linear"}, "eps", spacing="linspace")
+    config = scheduler_export({"kind": "linear"}, "eps", spacing="linspace").config
     assert "t - T//N" in ddim_timestep_mismatch(config, 10)
-    trailing = diffusers_scheduler_config({"kind": "linear"}, "eps", spacing="trailing")
+    trailing = scheduler_export({"kind": "linear"}, "eps", spacing="trailing").config
     assert ddim_timestep_mismatch(trailing, 20) is None and ddim_timestep_mismatch(trailing, 3) is not None
     with pytest.raises(ValueError, match="prediction"):
         scheduler_export({"kind": "linear"}, "epsilon")
@@ -203,12 +202,12 @@ def diffusers_sample(folder: Path, context: torch.Tensor, mask: torch.Tensor | N
 @pytest.mark.parametrize("name", list(VARIANTS))
 @torch.no_grad()
 def test_ddim_sampling_agrees_with_diffusers(name, exports, folders):
-    pipe = LatentDiffusionPipeline.from_export(exports[name])
+    pipe = TextToImagePipeline.from_export(exports[name])
     spacing = VARIANTS[name][2]
     noise = noise_for()
     ours = pipe(PROMPTS, SamplerSettings(steps=STEPS, guidance_scale=1.0, spacing=spacing), noise=noise)
     assert ours.std() > 0.05
-    cond = text_condition(pipe.net, pipe.frozen_text_encoder, PROMPTS)
+    cond = pipe.condition(PROMPTS)
     # the batch, with the padding masked as t2i's UNet saw it
     masked = diffusers_sample(folders[name], cond.context, cond.context_mask, noise)
     assert max_diff(ours, masked) <= 1e-4
@@ -221,12 +220,12 @@ def test_ddim_sampling_agrees_with_diffusers(name, exports, folders):
 
 @torch.no_grad()
 def test_guided_sampling_with_the_exported_null(exports, folders):
-    pipe = LatentDiffusionPipeline.from_export(exports["linear_eps"])
+    pipe = TextToImagePipeline.from_export(exports["linear_eps"])
     noise = noise_for(7)
     ours = pipe(PROMPTS, SamplerSettings(steps=STEPS, guidance_scale=3.0), noise=noise)
     null = load_file(folders["linear_eps"] / "t2i_guidance.safetensors")["null_context"]
     assert null.shape == (1, 32)
-    cond = text_condition(pipe.net, pipe.frozen_text_encoder, PROMPTS)
+    cond = pipe.condition(PROMPTS)
     for i in range(len(PROMPTS)):
         n = int(cond.context_mask[i].sum())
         negative = null[:1][None].expand(1, n, -1)
@@ -256,8 +255,8 @@ def test_stable_diffusion_pipeline_from_pretrained(exports, tmp_path):
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     sd = load_sd_pipeline(tmp_path / "sd")
     assert isinstance(sd.text_encoder, CLIPTextModel)
-    pipe = LatentDiffusionPipeline.from_export(exports["cosine_x0"])
-    cond = text_condition(pipe.net, pipe.frozen_text_encoder, PROMPTS)
+    pipe = TextToImagePipeline.from_export(exports["cosine_x0"])
+    cond = pipe.condition(PROMPTS)
     # the pipeline's own tokenizer + text encoder give our context (penultimate layer + ln_final) at every token
     # t2i's UNet sees (it pads with <|endoftext|>, t2i with "!": the padding, which t2i masks out, differs)
     assert sd.tokenizer.pad_token == "<|endoftext|>"
@@ -278,8 +277,8 @@ def test_stable_diffusion_pipeline_without_text_encoder_and_guided(exports, tmp_
 
     export_diffusers(exports["linear_eps"], tmp_path / "sd", text_encoder="skip")
     sd = load_sd_pipeline(tmp_path / "sd", text_encoder=None, tokenizer=None)
-    pipe = LatentDiffusionPipeline.from_export(exports["linear_eps"])
-    cond = text_condition(pipe.net, pipe.frozen_text_encoder, PROMPTS)
+    pipe = TextToImagePipeline.from_export(exports["linear_eps"])
+    cond = pipe.condition(PROMPTS)
     null = load_file(tmp_path / "sd" / "t2i_guidance.safetensors")["null_context"][:1]
     noise = noise_for(11)
     ours = pipe(PROMPTS, SamplerSettings(steps=STEPS, guidance_scale=3.0), noise=noise)
@@ -293,7 +292,7 @@ def test_stable_diffusion_pipeline_without_text_encoder_and_guided(exports, tmp_
 
 # ---- text tower conversion (pure; transformers only checks it when importable) -----------------------------------
 def test_open_clip_tower_to_clip_text_model_keys(exports):
-    pipe = LatentDiffusionPipeline.from_export(exports["cosine_x0"])  # penultimate layer
+    pipe = TextToImagePipeline.from_export(exports["cosine_x0"])  # penultimate layer
     encoder = pipe.net["text_encoder"]
     config, state = clip_text_model_from_open_clip(encoder)
     assert config["num_hidden_layers"] == 1 and config["hidden_size"] == 32 and config["max_position_embeddings"] == 32
@@ -321,7 +320,7 @@ def test_frozen_clip_export_tower_converts(tiny_clip_export, tmp_path):
     config, state = clip_text_model_from_open_clip(encoder)
     assert (config["num_hidden_layers"], config["max_position_embeddings"], config["intermediate_size"]) == (1, 24, 64)
     assert len(state) == 4 + 16
-    problem = diffusers_export._transformers_problem()
+    problem = diffusers_export.transformers_problem()
     assert problem is None, problem  # transformers is the dev extra's: the check below must run
     assert diffusers_export.write_text_encoder(encoder, tmp_path) <= 1e-5
     assert (tmp_path / "tokenizer" / "vocab.json").is_file()
@@ -330,8 +329,8 @@ def test_frozen_clip_export_tower_converts(tiny_clip_export, tmp_path):
 def test_without_transformers_the_text_encoder_is_left_out_and_said(exports, tmp_path, monkeypatch, capsys):
     from t2i.cli.export import main
 
-    if diffusers_export._transformers_problem() is None:  # installed here: make it look absent
-        monkeypatch.setattr(diffusers_export, "_transformers_problem",
+    if diffusers_export.transformers_problem() is None:  # installed here: make it look absent
+        monkeypatch.setattr(diffusers_export, "transformers_problem",
                             lambda: "transformers is not importable (ModuleNotFoundError: hidden by the test)")
     out = tmp_path / "pipe"
     main(["format=diffusers", f"export={exports['linear_eps']}", f"out={out}"])

@@ -88,9 +88,8 @@ def test_denoiser_init_starts_the_stage_and_its_ema_from_the_imported_weights(sd
     cfg = compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, tmp_path / "run",
                                             f"model.denoiser_init={record['written']['unet']}",
                                             "model.denoiser.model_channels=64", "model.denoiser.num_head_channels=32",
-                                            "model.denoiser.num_groups=32", "model.denoiser.context_dim=128",
-                                            "model.text_encoder.width=128", "model.text_encoder.output_dim=128",
-                                            "model.cond_dropout.context_dim=128"))
+                                            "model.denoiser.num_groups=32", "model.text_encoder.width=128",
+                                            "model.text_encoder.output_dim=128"))
     stage = instantiate(cfg.model)
     for name, ref in unet.state_dict().items():
         assert torch.equal(stage.net["denoiser"].state_dict()[name], ref), name

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -9,7 +7,6 @@ from t2i.losses.autoencoder import (
     generator_loss,
     hinge_d_loss,
     kl_loss,
-    psnr,
     reconstruction_loss,
 )
 from t2i.nn.autoencoder import DiagonalGaussian
@@ -78,16 +75,3 @@ def test_adaptive_weight_analytic_ratio():
     assert not w.requires_grad
     (nll + w * g).backward()  # graph retained
     assert adaptive_weight((a * layer(x)).sum(), 0.0 * layer(x).sum(), layer.weight, max_weight=7.0).item() == 7.0
-
-
-def test_psnr():
-    x = torch.rand(3, 3, 8, 8) * 2 - 1
-    assert torch.isinf(psnr(x, x)).all()
-    noisy = x.clone()
-    noisy[0] += 0.1  # mse 0.01
-    noisy[1] -= 0.5  # mse 0.25
-    p = psnr(x, noisy)
-    assert p.shape == (3,)
-    assert p[0].item() == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-4)
-    assert p[1].item() == pytest.approx(10 * math.log10(4 / 0.25), rel=1e-4)
-    assert math.isinf(p[2].item())

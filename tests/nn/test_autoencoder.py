@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from t2i.losses.autoencoder import psnr, reconstruction_loss
+from t2i.eval.psnr import psnr
+from t2i.losses.autoencoder import reconstruction_loss
 from t2i.nn.autoencoder import AutoencoderKL, DiagonalGaussian
 from t2i.nn.discriminator import PatchDiscriminator
 from t2i.nn.layers import group_norm, num_groups_for

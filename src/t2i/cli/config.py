@@ -16,9 +16,8 @@ OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 def cpu_precision() -> str:
     """``bf16-mixed`` where this CPU has bfloat16 instructions (AVX512-BF16 or AMX) for oneDNN to run, else
-    ``32-true``. oneDNN also accepts plain AVX512 cores for bf16, where it converts in software: there a tiny VAE
-    step took 2.7x the fp32 time (1.47 s against 0.54 s, batch 64, 2-core Xeon with AVX512 but no AVX512-BF16),
-    and on AVX2-only CPUs 50x (8.9 s against 0.17 s for one 64-channel 32x32 conv)."""
+    ``32-true``: without them oneDNN emulates bf16 in software, several times slower than fp32 on AVX512 cores
+    and tens of times on AVX2-only ones."""
     import torch
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

@@ -7,7 +7,10 @@ A training stage runs as ``python -m t2i.cli.train experiment=...`` in a subproc
 work as on the command line) with ``ckpt_path=last``: an interrupted stage resumes. A stage whose export
 exists and was trained from the same config (hash in stage.json, parents included) is skipped.
 ``vae.trainer.max_steps=100`` overrides a setting of the stage named ``vae``; ``trainer.devices=4``
-(no stage prefix) applies to every training stage.
+(no stage prefix) applies to every training stage. In a step's strings ``${stage:NAME}`` is an earlier training
+stage's export folder (``${stage:NAME.hash}`` its config hash, ``${stage:NAME.run_dir}`` its run folder); a
+``call`` argument that is exactly ``${config:FILE.KEY}`` is KEY of the config tree's ``FILE.yaml`` (e.g.
+``${config:sample_prompts/shapes.sample_prompts}``), so that recipes and configs share one copy.
 
 Before anything runs the whole plan is decided and printed, one line per step: each training stage's config
 composed and hashed, and whether it trains (no export yet), retrains (its export is from another config),
@@ -38,7 +41,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from t2i.callbacks.step_timing import PROGRESS
-from t2i.cli.config import compose_config
+from t2i.cli.config import compose_config, config_dir
 from t2i.cli.recipe_progress import (
     Outcome,
     estimate_remaining,
@@ -51,6 +54,7 @@ from t2i.cli.recipe_progress import (
 from t2i.exports import STAGE, ExportError, config_hash
 
 STAGE_REF = re.compile(r"\$\{stage:([A-Za-z0-9_-]+)(?:\.([A-Za-z0-9_]+))?\}")
+CONFIG_REF = re.compile(r"\$\{config:([A-Za-z0-9_/-]+)\.([A-Za-z0-9_.]+)\}")
 POLL_SECONDS = 2.0  # how often a running training stage's progress.json is looked for
 
 
@@ -176,16 +180,32 @@ class RecipeRunner:
         return per_stage, common
 
     def _resolve_value(self, value):
-        """``${stage:...}`` references resolved in a string, or in the strings of a (nested) list or dict."""
+        """``${stage:...}`` references resolved in a string, or in the strings of a (nested) list or dict; a
+        string that is a ``${config:...}`` reference replaced by the config value it names."""
         if isinstance(value, str):
-            return self._resolve(value)
+            ref = CONFIG_REF.fullmatch(value)
+            return self._config_value(ref.group(1), ref.group(2)) if ref else self._resolve(value)
         if isinstance(value, list):
             return [self._resolve_value(v) for v in value]
         if isinstance(value, dict):
             return {k: self._resolve_value(v) for k, v in value.items()}
         return value
 
+    def _config_value(self, file: str, key: str):
+        """``${config:FILE.KEY}``: KEY (dotted) of ``FILE.yaml`` in the config tree."""
+        path = config_dir() / f"{file}.yaml"
+        value = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise RecipeError(f"{self.path}: '${{config:{file}.{key}}}': {path} has no {key!r}")
+            value = value[part]
+        return value
+
     def _resolve(self, text: str) -> str:
+        if CONFIG_REF.search(text):
+            raise RecipeError(f"{self.path}: {text!r}: a ${{config:...}} reference must be a call argument's "
+                              f"whole value")
+
         def sub(m: re.Match) -> str:
             name, attr = m.group(1), m.group(2) or "export"
             if name not in self.exports:

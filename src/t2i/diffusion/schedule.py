@@ -83,12 +83,3 @@ def extract(values: torch.Tensor, t: torch.Tensor | int, ndim: int) -> torch.Ten
     idx = torch.as_tensor(t, dtype=torch.long).to(values.device)
     out = values[idx]
     return out.reshape(*out.shape, *([1] * (ndim - out.dim())))
-
-
-def extract_alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, ndim: int) -> torch.Tensor:
-    """Like :func:`extract` on ᾱ, with the convention ``ᾱ_{-1} := 1`` (``t = -1`` means "clean data")."""
-    idx = torch.as_tensor(t, dtype=torch.long).to(alphas_cumprod.device)
-    if (idx < -1).any() or (idx >= alphas_cumprod.shape[0]).any():
-        raise IndexError(f"timesteps must lie in [-1, {alphas_cumprod.shape[0] - 1}]")
-    out = torch.where(idx >= 0, alphas_cumprod[idx.clamp(min=0)], alphas_cumprod.new_ones(()))
-    return out.reshape(*out.shape, *([1] * (ndim - out.dim())))

@@ -25,19 +25,16 @@ import torch
 
 from t2i.conditioning.lowres import downsample
 from t2i.data.shapes import caption
+from t2i.eval.batches import in_batches
 from t2i.eval.intervals import percent, wilson
 from t2i.eval.ldm_report import real_images
+from t2i.eval.psnr import psnr
 from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
 from t2i.eval.shapes import SPLITS, compare, eval_specs, judge_all, percent_with_interval, score, score_specs
-from t2i.eval.unclip_report import psnr_of_batch
 from t2i.images import grid, save_png
 from t2i.pipelines.cascade import CascadePipeline
 
 SATURATED = 0.98  # |pixel| at or above this counts as saturated (clipped at the data range)
-
-
-def _batched(fn, n: int, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(slice(i, min(i + batch_size, n))).cpu() for i in range(0, n, batch_size)])
 
 
 def _enlarged(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -66,7 +63,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
     res0 = pipe.base.image_size
 
     def base_images(settings, prompts: list[str]) -> torch.Tensor:
-        return _batched(lambda s: pipe.base(prompts[s], settings, seed=seed + s.start), num_prompts, batch_size)
+        return in_batches(lambda s: pipe.base(prompts[s], settings, seed=seed + s.start), num_prompts, batch_size)
 
     # the base model and the whole cascade at the trained settings, on seen and unseen combinations
     seen = None
@@ -78,7 +75,7 @@ def evaluate_cascade(base: str, upsamplers: list[str], out_dir: str, val_manifes
         results[f"base_{res0}px_{split}"] = score_specs(small, specs)
         final = small
         if pipe.upsamplers:
-            final = _batched(lambda s, small=small, prompts=prompts: pipe.upsample(
+            final = in_batches(lambda s, small=small, prompts=prompts: pipe.upsample(
                 small[s], prompts[s], seed=seed + s.start)[-1], num_prompts, batch_size)
             results[f"cascade_{pipe.image_size}px_{split}"] = score_specs(final, specs)
         save_png(grid(final[:64], nrow=8), out / f"{split}_cascade.png")
@@ -134,16 +131,19 @@ def _sr_noise_table(pipe: CascadePipeline, small: torch.Tensor, prompts: list[st
     table = {}
     for level in sorted({0.0, trained_level}):
         def run(low, texts, level=level):
-            return _batched(lambda s: up(low[s].to(up.device), pipe.settings.sr[0], seed=seed + s.start,
-                                         prompts=texts[s] if up.takes_text else None, noise_level=level),
-                            len(low), batch_size)
+            return in_batches(lambda s: up(low[s].to(up.device), pipe.settings.sr[0], seed=seed + s.start,
+                                           prompts=texts[s] if up.takes_text else None, noise_level=level),
+                              len(low), batch_size)
 
         gen = run(small, prompts)
         on_real = run(real_low, captions)
         table[f"level{level:g}"] = {
-            "base_outputs": {**score_specs(gen, specs), "psnr_to_input_db": psnr_of_batch(downsample(gen, up.low_res), small)},
-            "real_low_res": {**score(on_real, captions), "psnr_to_original_db": psnr_of_batch(on_real, real),
-                             "psnr_to_input_db": psnr_of_batch(downsample(on_real, up.low_res), real_low)}}
+            "base_outputs": {**score_specs(gen, specs),
+                             "psnr_to_input_db": float(psnr(downsample(gen, up.low_res), small, per_image=False))},
+            "real_low_res": {**score(on_real, captions),
+                             "psnr_to_original_db": float(psnr(on_real, real, per_image=False)),
+                             "psnr_to_input_db": float(psnr(downsample(on_real, up.low_res), real_low,
+                                                            per_image=False))}}
     table["trained_level"] = trained_level
     return table
 
@@ -157,8 +157,8 @@ def _classifier_guidance(base, classifier: str, prompts: list[str], specs, scale
     guided = ClassifierGuidedPipeline.from_exports(base, classifier, device=device)
     table, rows = {}, []
     for scale in scales:
-        images = _batched(lambda s, scale=scale: guided(prompts[s], scale=float(scale), settings=settings,
-                                                        seed=seed + s.start), len(prompts), batch_size)
+        images = in_batches(lambda s, scale=scale: guided(prompts[s], scale=float(scale), settings=settings,
+                                                          seed=seed + s.start), len(prompts), batch_size)
         verdicts = judge_all(images)
         both = sum(v.get("shape") == sp.shape and v.get("color") == sp.color for v, sp in zip(verdicts, specs))
         table[f"scale{scale:g}"] = {**compare(verdicts, specs), "shape_and_color": both / len(specs),

@@ -70,13 +70,6 @@ def clip_cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tenso
     return (F.normalize(image_emb.float(), dim=-1) * F.normalize(text_emb.float(), dim=-1)).sum(-1)
 
 
-def clip_score_from_cosines(cosines: torch.Tensor) -> float:
-    """``100 * mean(max(cos, 0))`` over pairs."""
-    if cosines.numel() == 0:
-        raise ValueError("a CLIP score needs at least one (image, prompt) pair")
-    return float(100.0 * cosines.clamp(min=0).double().mean())
-
-
 class ClipScore:
     """Streaming CLIP score: ``update(images, prompts)`` per batch, ``compute()`` at the end (the mean of
     per-pair clipped cosines, times 100). ``count`` pairs so far."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -134,16 +134,11 @@ class ClipImageFeatures:
 Features = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _batched(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, images.shape[0], batch_size):
-        yield images[start:start + batch_size]
-
-
 def feature_stats(features: Features, images: torch.Tensor | Iterable[torch.Tensor],
                   batch_size: int = 256) -> FeatureStats:
     """`FeatureStats` of the features of images: one (N, 3, H, W) tensor (run in batches of `batch_size`) or
     an iterable of batches."""
-    batches = _batched(images, batch_size) if isinstance(images, torch.Tensor) else images
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     stats = FeatureStats(features.dim) if hasattr(features, "dim") else None
     for batch in batches:
         if batch.shape[0] == 0:

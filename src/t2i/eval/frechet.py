@@ -9,17 +9,14 @@ image tower) and hands them here.
   decompositions (``eigh``), no scipy, and no complex eigenvalues of a non-symmetric product (torchmetrics
   takes ``eigvals(S1 @ S2)``; the results agree to float64 rounding on well-conditioned matrices).
 - `FeatureStats`: running count, mean and centred scatter (sum of outer products about the mean) in
-  float64, updated batch by batch and merged across batches or ranks with Chan et al.'s pairwise formula
+  float64, updated batch by batch and merged across batches with Chan et al.'s pairwise formula
   (stable where the plain sum of ``x x^T`` minus ``n mu mu^T`` cancels). ``cov`` is the unbiased covariance
   (divided by n - 1, as ``numpy.cov``, pytorch-fid and torchmetrics do).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-import torch.distributed as dist
 
 
 def _sym(m: torch.Tensor) -> torch.Tensor:
@@ -68,8 +65,7 @@ class FeatureStats:
     ``scatter`` (D, D) = sum over samples of ``(x - mean)(x - mean)^T``.
 
     ``update(features)`` adds a (B, D) batch; ``merge(other)`` adds another `FeatureStats` (another batch
-    stream, another rank): the result does not depend on how the samples were split (up to rounding).
-    ``all_ranks()`` merges every rank's stats under torch.distributed (in rank order). Updates replace the
+    stream): the result does not depend on how the samples were split (up to rounding). Updates replace the
     tensors rather than writing into them, so stats made under ``torch.inference_mode`` stay usable.
     """
 
@@ -86,16 +82,6 @@ class FeatureStats:
         """The stats of one (N, D) feature matrix."""
         stats = cls(features.shape[-1])
         stats.update(features)
-        return stats
-
-    @classmethod
-    def from_batches(cls, batches: Iterable[torch.Tensor]) -> FeatureStats:
-        stats = None
-        for b in batches:
-            stats = stats or cls(b.shape[-1])
-            stats.update(b)
-        if stats is None:
-            raise ValueError("no feature batches")
         return stats
 
     def update(self, features: torch.Tensor) -> FeatureStats:
@@ -137,29 +123,6 @@ class FeatureStats:
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 samples, these stats hold {self.n}")
         return _sym(self.scatter) / (self.n - 1)
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "mean": self.mean.clone(), "scatter": self.scatter.clone()}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> FeatureStats:
-        stats = cls(int(state["mean"].shape[0]))
-        stats.n = int(state["n"])
-        stats.mean = state["mean"].to(torch.float64).cpu().clone()
-        stats.scatter = state["scatter"].to(torch.float64).cpu().clone()
-        return stats
-
-    def all_ranks(self) -> FeatureStats:
-        """Every rank's stats merged (a collective: call it on every rank); these stats when
-        torch.distributed is not initialised or the world has one rank."""
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-            return self
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.state_dict())
-        merged = FeatureStats(self.dim)
-        for p in parts:
-            merged.merge(FeatureStats.from_state_dict(p))
-        return merged
 
     def distance(self, other: FeatureStats) -> float:
         """`frechet_distance` between the Gaussians fitted to these stats and to `other`'s."""

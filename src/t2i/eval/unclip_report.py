@@ -20,25 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from t2i.conditioning.lowres import downsample
+from t2i.conditioning.text_encoding import clip_text_condition
 from t2i.data.shapes import caption, render
+from t2i.eval.batches import in_batches
 from t2i.eval.ldm_report import real_images
+from t2i.eval.psnr import psnr
 from t2i.eval.report_table import SPLIT_NAMES, drop_confusion, header, row
 from t2i.eval.shapes import SPLITS, eval_specs, score, score_specs
 from t2i.exports import read_export
 from t2i.images import grid, save_png
 from t2i.pipelines.unclip import UnclipPipeline
-from t2i.pipelines.unclip_stages import clip_text_condition
-
-
-def _batched(fn, items, batch_size: int, seed: int) -> torch.Tensor:
-    return torch.cat([fn(items[i: i + batch_size], seed + i) for i in range(0, len(items), batch_size)])
-
-
-def psnr_of_batch(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of the whole batch's mean squared error, for [-1, 1] images (one figure per table row; the
-    per-image PSNR of the VAE's validation is ``t2i.losses.autoencoder.psnr``)."""
-    mse = ((a.float() - b.float()) / 2).pow(2).mean().clamp_min(1e-12)
-    return float(10 * torch.log10(1 / mse))
 
 
 def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: str, val_manifest: str,
@@ -57,7 +48,8 @@ def evaluate_unclip(prior: str, decoder: str, upsampler: str | None, out_dir: st
         real, captions = real_images(val_manifest, res, num_real)
         real = real.float() / 127.5 - 1
         real_up = _upsample(pipe, downsample(real, pipe.upsampler.low_res), batch_size, seed)
-        results["upsampler_on_real_low_res"] = {**score(real_up, captions), "psnr_db": psnr_of_batch(real_up, real)}
+        results["upsampler_on_real_low_res"] = {**score(real_up, captions),
+                                                "psnr_db": float(psnr(real_up, real, per_image=False))}
         results["oracle_on_real_validation"] = score(real, captions)
     if sample_prompts:
         save_png(grid(pipe(sample_prompts, seed=seed).cpu(), nrow=min(8, len(sample_prompts))), out / "samples.png")
@@ -86,7 +78,7 @@ def true_images(specs) -> torch.Tensor:
 
 
 def _upsample(pipe: UnclipPipeline, x: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-    return _batched(lambda xs, s: pipe.upsample(xs.to(pipe.decoder.device), s).cpu(), x, batch_size, seed)
+    return in_batches(lambda s: pipe.upsample(x[s].to(pipe.decoder.device), seed + s.start), len(x), batch_size)
 
 
 def _evaluate_split(pipe: UnclipPipeline, specs: list, split: str, results: dict, out: Path, batch_size: int,
@@ -96,16 +88,16 @@ def _evaluate_split(pipe: UnclipPipeline, specs: list, split: str, results: dict
     st = pipe.settings
     prompts = [caption(s) for s in specs]
     true = pipe.embed_images(true_images(specs)).cpu()
-    sampled = _batched(lambda p, s: pipe.prior(p, st.prior, seed=s, best_of=st.best_of).cpu(), prompts,
-                       batch_size, seed)
+    sampled = in_batches(lambda s: pipe.prior(prompts[s], st.prior, seed=seed + s.start, best_of=st.best_of),
+                         len(prompts), batch_size)
     _, text_embed = clip_text_condition(pipe.prior.text_encoder, prompts)
     results[f"prior_cosine_{split}"] = {"prior_sample": float((sampled * true).sum(-1).mean()),
                                         "text_embedding": float((text_embed.cpu() * true).sum(-1).mean()),
                                         "shuffled_pairing": float((true.roll(1, 0) * true).sum(-1).mean())}
 
     def decode(embeds: torch.Tensor, label: str) -> torch.Tensor:
-        small = torch.cat([pipe.decoder(embeds[i: i + batch_size], prompts[i: i + batch_size], st.decoder,
-                                        seed=seed + i + 1).cpu() for i in range(0, len(prompts), batch_size)])
+        small = in_batches(lambda s: pipe.decoder(embeds[s], prompts[s], st.decoder, seed=seed + s.start + 1),
+                           len(prompts), batch_size)
         results[f"{label}_{pipe.decoder.image_size}px_{split}"] = score_specs(small, specs)
         return small
 

@@ -135,7 +135,7 @@ def clip_pad_token(encoder: nn.Module) -> str:
     tok = encoder.tokenizer
     if int(getattr(tok, "pad_id", 0)) == int(tok.eot_id):
         return EOS
-    return PAD if _attends_to_padding(encoder) else EOS
+    return PAD if attends_to_padding(encoder) else EOS
 
 
 def clip_tokenizer_files(encoder: nn.Module) -> dict[str, str]:
@@ -165,7 +165,7 @@ def clip_tokenizer_files(encoder: nn.Module) -> dict[str, str]:
             "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n"}
 
 
-def _transformers_problem() -> str | None:
+def transformers_problem() -> str | None:
     """None when transformers can be imported, else why not (monkeypatched by tests)."""
     try:
         import transformers  # noqa: F401
@@ -224,7 +224,7 @@ def write_text_encoder(encoder: nn.Module, folder: Path, *, verify: bool = True)
     return diff
 
 
-def _attends_to_padding(encoder: nn.Module | None) -> bool:
+def attends_to_padding(encoder: nn.Module | None) -> bool:
     """Whether `encoder`'s mask lets the UNet attend to the padding (all True), as diffusers always does."""
     if encoder is None:
         return False

@@ -47,9 +47,9 @@ from t2i.interop.clip_text_export import (
     TOKENIZER_CLASS,
     DiffusersExportError,
     TextEncoderUnsupported,
-    _attends_to_padding,
-    _transformers_problem,
+    attends_to_padding,
     clip_pad_token,
+    transformers_problem,
     write_text_encoder,
 )
 from t2i.interop.ldm_parts import LDMParts, load_ldm_parts
@@ -179,7 +179,7 @@ def export_diffusers(export_dir: str | Path, out: str | Path, *, vae_export: str
             note = "skipped (text_encoder=skip)"
         elif parts.text_encoder is None:
             note = parts.text_encoder_problem
-        elif (problem := _transformers_problem()) is not None:
+        elif (problem := transformers_problem()) is not None:
             note = (f"{problem}: the text encoder (a transformers CLIPTextModel) and tokenizer are written only where "
                     f"transformers can load them back to check the conversion")
         else:
@@ -226,7 +226,7 @@ def _readme(parts: LDMParts, r: DiffusersExport, spacing: str, null_how: str, ha
     else:
         sched_line = "explicit `trained_betas`"
     s = parts.schedule
-    masked = not _attends_to_padding(parts.text_encoder)
+    masked = not attends_to_padding(parts.text_encoder)
     lines = [
         f"# {parts.export_dir.name}: a t2i LDM stage as a diffusers {PIPELINE_CLASS}", "",
         (f"Written by `python -m t2i.cli.export format=diffusers` from the t2i export `{parts.export_dir}` "
@@ -281,13 +281,13 @@ def _readme(parts: LDMParts, r: DiffusersExport, spacing: str, null_how: str, ha
         lines += ["", "## Warnings", "", *[f"- {w}" for w in r.warnings]]
     lines += ["", "## Loading", "", "```python",
               f"from diffusers import DDIMScheduler, {PIPELINE_CLASS}", "from safetensors.torch import load_file",
-              "from t2i.pipelines.ldm import LatentDiffusionPipeline, text_condition", "",
+              "from t2i.pipelines.text_to_image import TextToImagePipeline", "",
               f"folder = '{r.folder}'",
               f"pipe = {PIPELINE_CLASS}.from_pretrained(folder"
               + (")" if r.text_encoder_written else ", text_encoder=None, tokenizer=None)"),
               "pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder='scheduler')  # keep steps_offset 0",
-              f"t2i = LatentDiffusionPipeline.from_export('{parts.export_dir}')",
-              "cond = text_condition(t2i.net, t2i.frozen_text_encoder, ['a prompt'])",
+              f"t2i = TextToImagePipeline.from_export('{parts.export_dir}')",
+              "cond = t2i.condition(['a prompt'])",
               "context = cond.context[:, :int(cond.context_mask.sum())]  # cut at the end-of-text token"]
     if has_null:
         lines += [f"null = load_file(folder + '/{GUIDANCE_FILE}')['null_context'][:1]",

@@ -177,13 +177,6 @@ def scheduler_export(schedule_cfg: Mapping[str, Any] | None, prediction: str, *,
     return SchedulerExport(trained, err <= tol, err, False, notes)
 
 
-def diffusers_scheduler_config(schedule_cfg: Mapping[str, Any] | None, prediction: str, *,
-                               spacing: str = "leading") -> dict[str, Any]:
-    """The DDIMScheduler ``scheduler_config.json`` dict reproducing our schedule and parameterization (see the
-    module docstring and :func:`scheduler_export`, which also reports the check)."""
-    return scheduler_export(schedule_cfg, prediction, spacing=spacing).config
-
-
 def diffusers_ddim_timesteps(config: Mapping[str, Any], steps: int) -> list[int]:
     """``DDIMScheduler.set_timesteps(steps).timesteps`` for `config` (numpy, as diffusers computes them)."""
     T = int(config.get("num_train_timesteps", 1000))

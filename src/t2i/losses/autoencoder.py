@@ -1,4 +1,4 @@
-"""Pure loss / metric functions for training the KL autoencoder (no modules, no Lightning)."""
+"""Pure loss functions for training the KL autoencoder (no modules, no Lightning)."""
 
 from __future__ import annotations
 
@@ -81,9 +81,3 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.float().norm() / (g_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
-
-
-def psnr(x: torch.Tensor, x_rec: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image PSNR in dB (``inf`` for identical images); default ``data_range`` is for [-1, 1] images."""
-    mse = (x_rec.float() - x.float()).pow(2).flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(data_range**2 / mse)

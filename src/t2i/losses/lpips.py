@@ -77,10 +77,6 @@ class LPIPS(nn.Module):
         model._freeze()
         return model
 
-    def lin_state_dict(self) -> dict[str, torch.Tensor]:
-        """The linear layers under the ``lpips`` package's key names (inverse of the ``from_files`` mapping)."""
-        return {f"lin{i}.model.1.weight": lin.weight.detach().clone() for i, lin in enumerate(self.lins)}
-
     def forward(self, x: torch.Tensor, y: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Distance per image; pass ``normalize=True`` for inputs in [0, 1]."""
         if normalize:

@@ -230,10 +230,6 @@ class AutoencoderKL(nn.Module):
         """Weight of the decoder's final conv, used for the adaptive GAN weight."""
         return self.decoder.conv_out.weight
 
-    def get_last_layer(self) -> nn.Parameter:
-        """Alias of :attr:`last_layer_weight` (taming-transformers naming)."""
-        return self.last_layer_weight
-
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute residual/attention blocks in backward (training mode only) to save activation memory."""
         self.encoder.gradient_checkpointing = bool(enabled)

@@ -19,7 +19,7 @@ from torch import nn
 
 from t2i.nn.embeddings import TimestepEmbedding, timestep_embedding
 from t2i.nn.layers import group_norm
-from t2i.nn.unet import Downsample, ResBlock, _per_level
+from t2i.nn.unet import Downsample, ResBlock, per_level
 
 
 class NoisyImageClassifier(nn.Module):
@@ -61,7 +61,7 @@ class NoisyImageClassifier(nn.Module):
             raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
         levels = len(channel_mult)
         self.in_channels, self.model_channels, self.channel_mult = in_channels, model_channels, channel_mult
-        self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
+        self.num_res_blocks = per_level(num_res_blocks, levels, "num_res_blocks")
         self.heads = heads
         self.downsample_factor = 2 ** (levels - 1)
         emb_dim = 4 * model_channels

@@ -9,9 +9,9 @@ Module layout and parameter names follow CompVis ``ldm/modules/diffusionmodules/
 by ``1/sqrt(2)``; every level, the first included, downsamples *before* its residual blocks and upsamples
 after them, so the levels' residual blocks never run at full resolution (``downsample_factor = 2 ** levels``).
 One full-resolution residual block (``full_res_block``) then merges the upsampled features with ``conv_in``'s
-output, as imagen-pytorch's ``init_conv_to_final_conv_residual`` + ``final_res_block``: without a full-resolution
-path the network cannot predict per-pixel noise (an SR model trained without it sampled pure noise). More
-residual blocks at low resolution come from a per-level ``num_res_blocks``.
+output, as imagen-pytorch's ``init_conv_to_final_conv_residual`` + ``final_res_block``: every level runs below
+full resolution, so without that path no layer can predict noise pixel by pixel. More residual blocks at low
+resolution come from a per-level ``num_res_blocks``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
+def per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
+    """A setting of every resolution level: one int for all, or one per level (ValueError naming `name` when the
+    count is not `levels`)."""
     if isinstance(value, int):
         return [value] * levels
     values = [int(v) for v in value]  # accept Hydra ListConfig
@@ -157,8 +159,8 @@ class UNet(nn.Module):
         self.concat_channels, self.efficient = concat_channels, efficient
         self.coordinate_channels = coordinate_channels
         self.attention_levels = tuple(int(a) for a in attention_levels)
-        self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
-        depths = _per_level(transformer_depth, levels, "transformer_depth")
+        self.num_res_blocks = per_level(num_res_blocks, levels, "num_res_blocks")
+        depths = per_level(transformer_depth, levels, "transformer_depth")
         self.gradient_checkpointing = gradient_checkpointing
         self.downsample_factor = 2 ** (levels if efficient else levels - 1)
         emb_dim = 4 * model_channels

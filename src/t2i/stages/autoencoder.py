@@ -8,9 +8,10 @@ from functools import partial
 
 import lightning as L
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics import MeanMetric
 
 from t2i.callbacks.nonfinite import optimizer_step_skipped
+from t2i.eval.psnr import psnr
 from t2i.images import log_grid
 from t2i.losses.autoencoder import (
     adaptive_weight,
@@ -45,7 +46,7 @@ class AutoencoderStage(L.LightningModule):
         self.lpips_weight, self.disc_weight, self.disc_start = lpips_weight, disc_weight, disc_start
         self.grad_clip, self.grid_every_n_steps, self.samples_dir = grad_clip, grid_every_n_steps, samples_dir
         self.automatic_optimization = False
-        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_psnr = MeanMetric()  # the mean of per-image PSNRs over the validation set (all ranks)
 
     def configure_optimizers(self):
         opts = [self.optimizer_factory(self.autoencoder.parameters())]
@@ -103,7 +104,7 @@ class AutoencoderStage(L.LightningModule):
             return
         posterior = self.autoencoder.encode(x)
         x_rec = self.autoencoder.decode(posterior.mode()).clamp(-1, 1)
-        self.val_psnr.update(x_rec.float(), x.float())
+        self.val_psnr.update(psnr(x, x_rec))
         self.log("val/rec", reconstruction_loss(x, x_rec, self.rec_loss), sync_dist=True, batch_size=x.shape[0])
         self.log("val/kl", kl_loss(posterior), sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0:
