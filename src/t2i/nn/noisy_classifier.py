@@ -3,7 +3,7 @@ their UNet, with an attention pool at the 8x8 layer producing the output).
 
 ``p_φ(y | x_t, t)`` is trained on noised images ``x_t ~ q(x_t | x_0)`` at every timestep, so that its gradient
 ``∇_{x_t} log p_φ(y | x_t, t)`` is meaningful along the whole sampling trajectory (their eq. 14 / Algorithm 2;
-the guidance itself is `t2i.diffusion.guidance.classifier_guidance`). Here the trunk is the UNet's encoder half
+the guidance itself is `t2i.diffusion.classifier_guidance.classifier_guidance`). Here the trunk is the UNet's encoder half
 built from the same blocks as `t2i.nn.unet.UNet` (``conv_in``, per level timestep-conditioned ResBlocks,
 ``Downsample`` between levels), followed by GroupNorm-SiLU, global pooling (average: ADM's
 ``pool="adaptive"`` variant; or max) and one linear head per attribute, so one network classifies several

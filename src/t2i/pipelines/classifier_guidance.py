@@ -2,7 +2,7 @@
 noisy-image classifier export (`t2i.stages.noisy_classifier`).
 
 At every sampler step the base model's x̂0 is shifted along ``∇_{x_t} log p_φ(y | x_t, t)`` (their eq. 14 /
-Algorithm 2: ``ε̂' = ε̂ - sqrt(1-ᾱ_t)·s·∇``, `t2i.diffusion.guidance.classifier_guidance`), where
+Algorithm 2: ``ε̂' = ε̂ - sqrt(1-ᾱ_t)·s·∇``, `t2i.diffusion.classifier_guidance.classifier_guidance`), where
 ``log p_φ(y | x_t, t) = Σ_heads log softmax(logits_head)[y_head]`` (independent heads: the joint label's
 log-probability is the sum). The shift comes before thresholding (static/dynamic clipping acts on the
 guided x̂0), through `t2i.pipelines.sampling.sample`'s ``x0_wrapper``.
