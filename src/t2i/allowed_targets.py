@@ -60,6 +60,7 @@ RUN_TARGETS: set[str] = {
     "t2i.callbacks.nonfinite.NonFiniteGuard",
     "t2i.callbacks.preemption.PreemptionCheckpoint",
     "t2i.callbacks.sample_metrics.SampleMetrics",
+    "t2i.callbacks.throughput.Throughput",
     "t2i.cli.loggers.tensorboard_or_csv",
     "t2i.distributed.deepspeed.AtomicDeepSpeedStrategy",
     "lightning.pytorch.Trainer",
