@@ -113,7 +113,11 @@ def _tensors(value):
 
 def _meta_clone(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers live on the meta device (their data is never copied)."""
-    memo: dict[int, torch.Tensor] = {}
+    memo: dict[int, object] = {}
+    for m in module.modules():  # the copy gets no hooks: DDP's, DeepSpeed's (ZeRO-3 gathers) are for training
+        for name, value in vars(m).items():
+            if name.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
+                memo[id(value)] = type(value)()
     for t in itertools.chain(module.parameters(), module.buffers()):
         shape = tuple(getattr(t, "ds_shape", t.shape))  # a ZeRO-3 partition keeps its full shape there
         empty = torch.empty(shape, dtype=t.dtype, device="meta")
