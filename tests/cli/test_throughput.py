@@ -112,3 +112,17 @@ def test_peak_table_and_bad_settings():
         Throughput(every=0)
     with pytest.raises(ValueError, match="peak_tflops"):
         Throughput(peak_tflops=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mfu_and_peak_memory_on_a_gpu():
+    torch.manual_seed(0)
+    cb = Throughput(every=2, peak_tflops=None if "H100" in torch.cuda.get_device_name() else 100.0)
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=8, callbacks=[cb],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ConvToy(), loader([4] * 8))
+    assert cb.last["perf/mfu"] > 0 and cb.last["perf/peak_memory_gib"] > 0
+    cpu = Throughput(every=2)
+    fit([4] * 4, [cpu], ConvToy)
+    assert cb.flops == cpu.flops  # counted on meta copies: the device and the precision do not change the count
