@@ -1,5 +1,5 @@
 """The recipe runner's timing and summary, end to end without training: the reference estimate after the plan
-(also with ``--plan``), the measured estimate once the first training stage that runs writes progress.json (a
+(also with ``--plan``), a measured estimate from each training stage that runs once it writes progress.json (a
 stand-in stage process writes it), an earlier run's progress.json ignored, and the summary at the end."""
 
 from __future__ import annotations
@@ -33,23 +33,24 @@ EVALUATE = {"name": "evaluate", "kind": "call", "function": "t2i.eval.ldm_report
             "args": {"export": "x", "out_dir": "y", "val_manifest": "z"}, "expect": {"seconds": 60}}
 
 
-def stand_in_stage(tmp_path, progress: bool = True, sleep: float = 0.5, exit_code: int = 0) -> PlannedStep:
+def stand_in_stage(tmp_path, progress: bool = True, sleep: float = 0.5, exit_code: int = 0, name: str = "vae",
+                   step_seconds: float = 0.5) -> PlannedStep:
     """A training stage whose process writes, instead of training, what a real one would: progress.json at
-    step 10 of 110 at 0.5 s/step (when `progress`) and an export with val/psnr."""
-    run_dir = tmp_path / "runs" / "vae"
+    step 10 of 110 at `step_seconds` per step (when `progress`) and an export with val/psnr."""
+    run_dir = tmp_path / "runs" / name
     script = f"""
 import json, pathlib, time
 run = pathlib.Path({str(run_dir)!r})
 run.mkdir(parents=True, exist_ok=True)
 if {progress}:
     (run / "progress.json").write_text(json.dumps(
-        {{"step": 10, "max_steps": 110, "step_seconds": 0.5, "measured_steps": 5, "time": time.time()}}))
+        {{"step": 10, "max_steps": 110, "step_seconds": {step_seconds}, "measured_steps": 5, "time": time.time()}}))
 (run / "export").mkdir(exist_ok=True)
 (run / "export" / "stage.json").write_text(json.dumps({{"config_hash": "h", "metrics": {{"val/psnr": 30.123}}}}))
 time.sleep({sleep})
 raise SystemExit({exit_code})
 """
-    return PlannedStep("vae", "train", TRAIN, "stand-in", export=run_dir / "export", run_dir=run_dir,
+    return PlannedStep(name, "train", TRAIN, "stand-in", export=run_dir / "export", run_dir=run_dir,
                        argv=(sys.executable, "-c", script), expect={"seconds": 100, "step_seconds": 0.25},
                        summary_metrics=("val/psnr",))
 
@@ -150,3 +151,19 @@ def test_the_summary_of_a_skipped_stage_shows_its_export_metrics(tmp_path, capfd
     runner.run()
     row = capfd.readouterr().out.splitlines()[-2]
     assert row.split() == ["vae", "skip", "0", "s", "val/psnr", "28.5"]
+
+
+def test_each_training_stage_re_estimates_at_its_own_speed(tmp_path, monkeypatch, capsys):
+    """vae at 2x the reference's s/step, then ldm at 1x: the second estimate counts the rest at 1x."""
+    monkeypatch.setattr(recipe_module, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(ldm_report, "evaluate_ldm", lambda **kw: {"summary": []})
+    runner = RecipeRunner(write(tmp_path, [EVALUATE]))
+    (evaluate,) = runner.plan()
+    steps = [stand_in_stage(tmp_path, name="vae", step_seconds=0.5),
+             stand_in_stage(tmp_path, name="ldm", step_seconds=0.25), evaluate]
+    runner.plan = lambda only=None: steps
+    runner.run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "this machine:" in line]
+    assert len(lines) == 2
+    assert "vae at 0.5 s/step" in lines[0] and "ratio 2.00" in lines[0]
+    assert "ldm at 0.25 s/step" in lines[1] and "ratio 1.00" in lines[1]

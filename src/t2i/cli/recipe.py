@@ -18,9 +18,9 @@ trains from scratch (``--force``) or is skipped. ``--plan`` prints it and runs n
 
 Timing (`t2i.cli.recipe_progress`): a step may give ``expect: {seconds: ..., step_seconds: ...}``, its wall
 seconds (and a training stage's seconds per step) on the machine the recipe's ``reference_machine:`` names.
-After the plan the runner prints how long the steps that will run took there; once the first training stage
-that runs has timed its first steps (its ``progress.json``), how long the job will take on this machine and
-when it will be done. At the end it prints a summary: every step's time, the metrics each training stage
+After the plan the runner prints how long the steps that will run took there; once each training stage that
+runs has timed its first steps (its ``progress.json``), how long the rest of the job will take on this machine
+at that stage's speed and when it will be done. At the end it prints a summary: every step's time, the metrics each training stage
 names in ``summary_metrics:`` (from its export's stage.json), and the lines a ``call`` step returns under
 ``"summary"``.
 """
@@ -252,14 +252,15 @@ class RecipeRunner:
         planned = self.plan(only)
         print(self.plan_text(planned), flush=True)
         self._started = time.time()
-        # the first training stage that runs measures this machine's speed for the whole job's estimate
-        timed = next((p.name for p in planned if p.kind == "train" and p.action != SKIP), None)
+        # each training stage that runs measures this machine's speed anew and re-estimates the rest of the job
+        # from it: one stage's ratio to the reference machine need not hold for the next (bf16 speeds the VAE's
+        # convolutions up more than the LDM's attention)
         outcomes, summary = [], []
         for i, step in enumerate(planned):
             start = time.time()
             print(f"\n[recipe] ===== {step.name} ({step.kind}) =====", flush=True)
             later = ({p.name: p.expect.get("seconds") for p in planned[i + 1:] if p.action != SKIP}
-                     if step.name == timed else None)
+                     if step.kind == "train" and step.action != SKIP else None)
             result = self._execute(step, later)
             seconds = time.time() - start
             print(f"[recipe] {step.name}: {seconds:.0f}s", flush=True)
