@@ -136,8 +136,9 @@ def merged_data(tree: Tree, group: str, f: YamlFile) -> dict:
             package = ".".join([*package.split(".")[:-1], rename])
         if package != prefix and not package.startswith(prefix + "."):
             continue  # lands outside this option's keys
-        node: dict = {k: v for k, v in merged_data(tree, subgroup, sub_f).items()}
-        for key in reversed(package[len(prefix):].lstrip(".").split(".") if package != prefix else []):
+        node = merged_data(tree, subgroup, sub_f)
+        relative = package[len(prefix):].lstrip(".")
+        for key in reversed(relative.split(".") if relative else []):
             node = {key: node}
         base = OmegaConf.merge(base, OmegaConf.create(node))
     own = {k: v for k, v in f.data.items() if k != "defaults"}

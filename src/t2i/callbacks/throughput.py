@@ -205,24 +205,23 @@ class Throughput(L.Callback):
             raise ValueError(f"peak_tflops must be > 0 (or null: from the device name), got {peak_tflops}")
         self.every, self.peak_override = every, peak_tflops
         self.flops: dict[tuple, tuple[float, float]] = {}  # shape key -> (trained, frozen) FLOPs of one batch
-        self._recorder: _OutermostCalls | None = None
-        self._counting: tuple | None = None
+        self._recorder: _OutermostCalls | None = None  # on while a batch of a new shape runs
+        self._key: tuple = ()  # the shape key of the batch in progress
         self._window = [0, 0, 0.0, 0.0]  # batches, images, trained FLOPs, frozen FLOPs since the mark
         self._mark: float | None = None
         self.last: dict[str, float] = {}  # the latest logged figures
 
     # ---- counting -------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        key = _shape_key(batch)
-        if key not in self.flops:
+        self._key = _shape_key(batch)
+        if self._key not in self.flops:
             inside = {id(m) for m in pl_module.modules() if m is not pl_module}
-            self._recorder, self._counting = _OutermostCalls(inside).__enter__(), key
+            self._recorder = _OutermostCalls(inside).__enter__()
 
     def _finish_count(self) -> None:
-        recorder, key = self._recorder, self._counting
-        self._recorder, self._counting = None, None
+        recorder, self._recorder = self._recorder, None
         recorder.__exit__(None, None, None)
-        self.flops[key] = count_flops(recorder.calls)
+        self.flops[self._key] = count_flops(recorder.calls)
         self._mark = None  # counting took time: the next window starts after it
 
     # ---- timing ---------------------------------------------------------------------------------
@@ -235,7 +234,7 @@ class Throughput(L.Callback):
             self._sync(pl_module)
             self._mark, self._window = time.perf_counter(), [0, 0, 0.0, 0.0]
             return
-        trained, frozen = self.flops[_shape_key(batch)]
+        trained, frozen = self.flops[self._key]
         w = self._window
         w[0], w[1], w[2], w[3] = w[0] + 1, w[1] + _images(pl_module, batch), w[2] + trained, w[3] + frozen
         if w[0] >= self.every:
@@ -256,7 +255,7 @@ class Throughput(L.Callback):
     def _stop_counting(self) -> None:
         if self._recorder is not None:
             self._recorder.__exit__(None, None, None)
-            self._recorder, self._counting = None, None
+            self._recorder = None
 
     @staticmethod
     def _sync(pl_module: L.LightningModule) -> None:

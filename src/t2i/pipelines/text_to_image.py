@@ -10,12 +10,11 @@ from torch import nn
 
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.text_encoding import text_condition
-from t2i.diffusion import make_schedule
 from t2i.exports import ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
-from t2i.pipelines.build import check_text_width, load_module
+from t2i.pipelines.build import check_text_width
 from t2i.pipelines.sampling import SamplerSettings, sample
-from t2i.pipelines.stage_pipeline import StagePipeline, text_encoder_of
+from t2i.pipelines.stage_pipeline import StagePipeline, load_net, text_encoder_of
 
 
 class TextToImagePipeline(StagePipeline):
@@ -36,8 +35,7 @@ class TextToImagePipeline(StagePipeline):
         """``stage``: the export's stage type ("ldm"; "base" for a pixel-space text-to-image base model)."""
         export = read_export(export_dir, stage=stage)
         model = export.config["model"]
-        net = nn.ModuleDict({"denoiser": load_module(export, "denoiser", "denoiser"),
-                             "cond_dropout": load_module(export, "cond_dropout", "cond_dropout")})
+        net = load_net(export, ("denoiser", "cond_dropout"))
         trained, frozen = text_encoder_of(export)
         if trained is not None:
             net["text_encoder"] = trained
@@ -52,10 +50,8 @@ class TextToImagePipeline(StagePipeline):
                                   f"export {vae} makes {first_stage.latent_channels}-channel ones: pass the VAE "
                                   f"export this stage was trained with (vae_export=)")
         check_text_width(net["denoiser"], frozen, export_dir)
-        ac = make_schedule(**model.get("schedule", {}))
-        pipe = cls(net.eval(), frozen, first_stage, ac, model.get("prediction", "eps"), int(model["image_size"]),
-                   export.config)
-        return pipe.to(device)
+        ac, prediction = cls._schedule(export)
+        return cls(net, frozen, first_stage, ac, prediction, int(model["image_size"]), export.config).to(device)
 
     def to(self, device) -> TextToImagePipeline:
         super().to(device)
