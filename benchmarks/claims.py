@@ -49,6 +49,7 @@ from t2i.allowed_targets import check_run_config
 from t2i.cli.train import train
 from t2i.conditioning.lowres import downsample
 from t2i.conditioning.text_encoding import clip_text_condition
+from t2i.config_layout import upgrade_model_config
 from t2i.eval.cascade_report import saturation
 from t2i.eval.fid import ClipImageFeatures, feature_stats
 from t2i.eval.frechet import FeatureStats
@@ -471,6 +472,7 @@ def export_config(export: str | Path) -> dict:
     `t2i.allowed_targets` (the config is trained again: every node of it is instantiated)."""
     path = Path(export) / "config.yaml"
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = {**config, "model": upgrade_model_config(config["model"])}  # an export of an older layout as today's
     check_run_config(config, path)
     return config
 
@@ -487,7 +489,7 @@ def _rebased(node, old: str, new: str):
 
 def retrain_config(export: str | Path, run_dir: str | Path, **changes) -> dict:
     """The export's own training config, moved to ``run_dir``, quiet (no sample grids, no validation, CSV logs)
-    and with ``changes`` applied (dotted keys, e.g. ``{"model.latents_from": "pixels"}``)."""
+    and with ``changes`` applied (dotted keys, e.g. ``{"model.image_size": 16}``)."""
     original = export_config(export)
     cfg = _rebased(original, str(original["run_dir"]), str(run_dir))
     quiet = {"model.sample_prompts": [], "model.sample_every_n_steps": 10**9, "final_validation": False,
@@ -526,15 +528,16 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
     VAE latents, and on pixels at the same resolution with the same UNet (3 channels in and out)."""
     cfg = export_config(ldm)
     model = cfg["model"]
-    if model.get("latents_from") not in ("batch", "image"):
-        raise ValueError(f"latent_pixel needs a latent diffusion export, {ldm} is latents_from="
-                         f"{model.get('latents_from')!r}")
+    if not str(model["target"]["_target_"]).endswith(".VaeLatents"):
+        raise ValueError(f"latent_pixel needs a latent diffusion export, {ldm}'s target is "
+                         f"{model['target']['_target_']}")
+    precomputed = bool(model["target"].get("precomputed"))
     res = int(model["image_size"])
     hours, rest = divmod(round(60 * minutes), 3600)
     budget = {"trainer.max_steps": -1, "trainer.max_time": f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"}
-    pixel = {"model.latents_from": "pixels", "model.first_stage_export": None, "model.denoiser.in_channels": 3,
+    pixel = {"model.target": {"_target_": "t2i.stages.targets.Pixels"}, "model.denoiser.in_channels": 3,
              "model.denoiser.out_channels": 3, "parents": {}}
-    if model["latents_from"] == "batch":  # precomputed latents: the pixel model reads the images they came from
+    if precomputed:  # precomputed latents: the pixel model reads the images they came from
         pixel.update({"data.train_manifest": ctx.train, "data.val_manifest": ctx.val, "data.resolution": res,
                       "data.array_fields": []})
     device = on_device(ctx.device)
@@ -570,7 +573,7 @@ def latent_pixel(ctx, ldm: str, work: str, minutes: float, **_):
                      f"reached {cell(lat, 'all')} all-attribute accuracy against {cell(pix, 'all')} and "
                      f"domain FID {cell(lat, 'fid')} against {cell(pix, 'fid')}; sampling the prompts took {pix['seconds_sampling']:.0f} s "
                      f"in pixels against {lat['seconds_sampling']:.0f} s in latents. Not counted: the VAE's own training"
-                     f"{' and the one-off latent encoding' if model['latents_from'] == 'batch' else ''} (the "
+                     f"{' and the one-off latent encoding' if precomputed else ''} (the "
                      f"recipe's earlier steps), shared by every LDM trained on them.")
     claim.data = {k: {kk: vv for kk, vv in v.items() if kk != "export"} for k, v in results.items()}
     return claim

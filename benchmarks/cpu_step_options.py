@@ -28,8 +28,8 @@ from t2i.eval.shapes import eval_prompts
 def build(vae: Path, channels_last: bool, fused: bool, compiled: bool):
     from hydra.utils import instantiate
     torch.manual_seed(0)
-    stage = instantiate(compose_config(["experiment=tiny/ldm", f"model.first_stage_export={vae}",
-                                        "model.latents_from=batch", "channels_last=false"]).model)
+    stage = instantiate(compose_config(["experiment=tiny/ldm", f"model.target.export={vae}",
+                                        "model.target.precomputed=true", "channels_last=false"]).model)
     if channels_last:
         stage = stage.to(memory_format=torch.channels_last)
     if compiled:
@@ -39,7 +39,7 @@ def build(vae: Path, channels_last: bool, fused: bool, compiled: bool):
 
 
 def step(stage, opt, batch) -> None:
-    loss, _ = stage._loss(batch, stage.net)
+    loss, _ = stage.loss(batch, stage.net)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(stage.net.parameters(), 1.0)

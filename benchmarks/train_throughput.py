@@ -8,7 +8,7 @@ model FLOPs per image and MFU, one table row per strategy.
 Each run is a short training of the real stage (`t2i.stages.diffusion.DiffusionStage`) through the real entry
 point (`t2i.cli.train.train` on the composed Hydra config, `strategy=<name>` picking `configs/strategy/<name>.yaml`),
 one subprocess per strategy (this script again, with the hidden ``--child``: DeepSpeed and DDP state does not
-reset inside a process); this process prints the table. Data: synthetic shards written into a temp dir (precomputed ``latent.npy``, `model.latents_from=batch`)
+reset inside a process); this process prints the table. Data: synthetic shards written into a temp dir (precomputed ``latent.npy``, `model.target.precomputed=true`)
 and a tiny random VAE export (the stage loads its first stage even when the latents come precomputed).
 
 - ``--config tiny``: the `experiment=tiny/ldm` stage (7.0M-parameter UNet on 4x8x8 latents, its small text
@@ -84,8 +84,8 @@ def overrides(args, work: Path, strategy: str) -> list[str]:
         f"run_dir={work / 'runs' / strategy}", f"strategy={strategy}", "logger=csv", "callbacks.checkpoint=null",
         "export=false", "final_validation=false", f"data.train_manifest={work / 'data'}", "data.val_manifest=null",
         "data.resolution=0", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
-        f"data.pin_memory={str(cuda).lower()}", f"model.first_stage_export={work / 'vae'}",
-        "model.latents_from=batch", "model.sample_every_n_steps=0", "model.sample_prompts=[]",
+        f"data.pin_memory={str(cuda).lower()}", f"model.target.export={work / 'vae'}",
+        "model.target.precomputed=true", "model.sample_every_n_steps=0", "model.sample_prompts=[]",
         f"trainer.accelerator={'gpu' if cuda else 'cpu'}", "trainer.devices=1", f"trainer.precision={precision}",
         f"trainer.max_steps={args.warmup + args.steps + 1}", "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",

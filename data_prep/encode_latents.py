@@ -5,7 +5,7 @@ atomically, so an interrupted run resumes where it stopped (finished shards are 
     python data_prep/encode_latents.py --vae runs/tiny-vae/export --shards data/shapes/train \
         --out data/shapes_latents/train --resolution 32 [--batch 256] [--device cpu]
 
-Train the LDM on them with ``data.array_fields=[latent.npy]`` and ``model.latents_from=batch``.
+Train the LDM on them with ``data.array_fields=[latent.npy]`` and ``model.target.precomputed=true``.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def tiny_ldm_overrides(shapes: Path, vae_export: Path, run_dir: Path, *extra: st
     """Overrides that make the tiny LDM experiment run in seconds."""
     return ["experiment=tiny/ldm", f"run_dir={run_dir}", f"data.train_manifest={shapes}/train",
             f"data.val_manifest={shapes}/val", "data.batch_size=8", "data.num_workers=0",
-            "data.min_samples_for_check=100000", f"model.first_stage_export={vae_export}",
+            "data.min_samples_for_check=100000", f"model.target.export={vae_export}",
             "model.denoiser.model_channels=16", "model.denoiser.num_head_channels=8", "model.denoiser.num_groups=4",
             "model.text_encoder.width=32", "model.text_encoder.output_dim=32", "model.text_encoder.heads=2",
             "model.sample_prompts=[]", "model.sampler.steps=3", "trainer.limit_val_batches=2", "logger=csv", *extra]
@@ -255,7 +255,7 @@ def prior_overrides(run_dir, shards, clip, *extra):
     embed, width = clip_dims(clip)
     return ["experiment=tiny/prior", *_common(run_dir, shards, clip), f"model.denoiser.embed_dim={embed}",
             f"model.denoiser.text_width={width}", "model.denoiser.width=32", "model.denoiser.layers=1",
-            "model.denoiser.heads=2", "model.sampler.steps=3", "model.val_sample_batches=1", *extra]
+            "model.denoiser.heads=2", "model.sampler.steps=3", "model.preview.batches=1", *extra]
 
 
 def decoder_overrides(run_dir, shards, clip, *extra):

@@ -287,13 +287,13 @@ def test_out_of_range_or_mismatched_values(small_shapes, tiny_vae_export, ldm_ru
 
 def test_latents_of_another_vae_are_refused(small_shapes, tiny_vae_export, tmp_path):
     """Precomputed latents are checked against the VAE export even without data.array_shapes."""
-    cfg = compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, tmp_path, "model.latents_from=batch"))
+    cfg = compose_config(tiny_ldm_overrides(small_shapes, tiny_vae_export, tmp_path, "model.target.precomputed=true"))
     stage = instantiate(cfg.model)
-    assert stage.target({"latent": torch.zeros(2, 4, 8, 8)}).shape == (2, 4, 8, 8)
+    assert stage.target.x0({"latent": torch.zeros(2, 4, 8, 8)}, stage.net).shape == (2, 4, 8, 8)
     for shape in [(2, 8, 8, 8), (2, 4, 16, 16), (2, 4, 64)]:
         with pytest.raises(ValueError, match=r"latent\.npy of shape .* but the VAE export .* makes \(4, 8, 8\) "
                                              r"latents at image_size=32.*encode_latents\.py"):
-            stage.target({"latent": torch.zeros(shape)})
+            stage.target.x0({"latent": torch.zeros(shape)}, stage.net)
 
 
 # --------------------------------------------------------------------------------------- exports
@@ -330,8 +330,7 @@ def base_with_frozen_text_encoder(tiny_ldm_export: Path, tiny_clip_export: Path,
     model["cond_dropout"]["context_dim"] = 16
     model["text_encoder"] = {"_target_": "t2i.conditioning.text.OpenClipTextEncoder.from_clip_export",
                              "export_dir": str(tiny_clip_export)}
-    model["latents_from"] = "pixels"
-    del model["first_stage_export"]
+    model["target"] = {"_target_": "t2i.stages.targets.Pixels"}
     return build_export(folder, "base", config, ("denoiser", "cond_dropout"))
 
 
@@ -364,7 +363,7 @@ def test_missing_or_wrong_parent_export(tiny_vae_export, tiny_ldm_export, tiny_c
         TextToImagePipeline.from_export(gone)
     with pytest.raises(ExportError, match=r"needs its VAE export .*gone, which is missing \(pass vae_export=\)"):
         TextToImagePipeline.from_export(tiny_ldm_export, vae_export=gone)
-    moved = copy_export(tiny_ldm_export, tmp_path / "moved", lambda c: c["model"].update(first_stage_export=str(gone)))
+    moved = copy_export(tiny_ldm_export, tmp_path / "moved", lambda c: c["model"]["target"].update(export=str(gone)))
     with pytest.raises(ExportError, match=r"needs its VAE export .*gone, which is missing"):
         TextToImagePipeline.from_export(moved)
     with pytest.raises(ExportError, match=r"is a 'ldm' export, expected a 'autoencoder' export"):

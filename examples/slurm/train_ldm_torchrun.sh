@@ -7,5 +7,5 @@ torchrun --nnodes="${NNODES:-4}" --nproc-per-node=8 --node-rank="${NODE_RANK:?}"
     --master-addr="${MASTER_ADDR:?}" --master-port="${MASTER_PORT:-29500}" \
     -m t2i.cli.train experiment=ldm/ldm \
     data.train_manifest=/data/laion/shards/train data.val_manifest=/data/laion/shards/val \
-    model.first_stage_export=runs/ldm-vae/export model.text_encoder.checkpoint_path=/weights/open_clip_vit_h14.bin \
+    model.target.export=runs/ldm-vae/export model.text_encoder.checkpoint_path=/weights/open_clip_vit_h14.bin \
     trainer.num_nodes="${NNODES:-4}" trainer.devices=8 strategy=deepspeed_stage_2 global_batch_size=2048 ckpt_path=last

@@ -8,7 +8,7 @@ An export may come from anywhere, and pipelines build networks from the Hydra ``
 config: `check_export_targets` refuses, before anything is imported or called, any target that is not on
 the explicit list of `t2i.allowed_targets.MODEL_TARGETS` and any ``${...}`` interpolation (a resolver could
 create a node the check never saw). `read_export` runs it on the config's ``model`` section, the part that
-pipelines build.
+pipelines build, and reads a ``model`` of an older layout as today's (`t2i.config_layout`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from t2i.allowed_targets import MODEL_TARGETS, TargetError, check_targets
+from t2i.config_layout import upgrade_model_config
 
 FORMAT = "t2i-export/1"
 WEIGHTS, CONFIG, STAGE = "model.safetensors", "config.yaml", "stage.json"
@@ -118,5 +119,7 @@ def read_export(folder: str | Path, stage: str | None = None) -> Export:
         raise ExportError(f"{folder} is a {info.get('stage')!r} export, expected a {stage!r} export")
     if not isinstance(config, dict):
         raise ExportError(f"{folder / CONFIG} does not hold a config mapping")
+    if isinstance(config.get("model"), dict):  # an export of an older layout reads as today's
+        config = {**config, "model": upgrade_model_config(config["model"])}
     check_export_targets({"model": config.get("model")}, folder / CONFIG)
     return Export(folder, info["stage"], config, info)

@@ -90,13 +90,13 @@ def test_overlap():
 
 def test_retrain_config_moves_every_path_and_applies_changes(tiny_ldm_export, tmp_path):
     claims = _claims()
-    cfg = claims.retrain_config(tiny_ldm_export, tmp_path / "again", **{"model.latents_from": "pixels",
+    cfg = claims.retrain_config(tiny_ldm_export, tmp_path / "again", **{"model.target": {"_target_": "t2i.stages.targets.Pixels"},
                                                                        "trainer.max_time": "00:00:00:03"})
     old_run = str(claims.export_config(tiny_ldm_export)["run_dir"])
     assert old_run not in json.dumps(cfg), "a path still points into the export's own run folder"
     assert cfg["run_dir"] == str(tmp_path / "again") and cfg["export_dir"].startswith(str(tmp_path / "again"))
     assert cfg["callbacks"]["checkpoint"]["dirpath"].startswith(str(tmp_path / "again"))
-    assert cfg["model"]["latents_from"] == "pixels" and cfg["trainer"]["max_time"] == "00:00:00:03"
+    assert cfg["model"]["target"] == {"_target_": "t2i.stages.targets.Pixels"} and cfg["trainer"]["max_time"] == "00:00:00:03"
     assert cfg["model"]["sample_prompts"] == [] and cfg["final_validation"] is False
     # the export's other settings are kept (the test fixture's narrow UNet, not the tiny/ldm default)
     assert cfg["model"]["denoiser"]["model_channels"] == 16
@@ -132,7 +132,7 @@ def test_latent_pixel_trains_both_for_the_same_wall_time(tiny_ldm_export, tiny_c
         assert claim["data"][name]["seconds"] < 60, "the wall-time budget was not applied"
     from t2i.exports import read_export
     pixel_export = read_export(tmp_path / "w" / "pixel" / "export")
-    assert pixel_export.config["model"]["latents_from"] == "pixels"
+    assert pixel_export.config["model"]["target"]["_target_"] == "t2i.stages.targets.Pixels"
     assert pixel_export.config["model"]["denoiser"]["in_channels"] == 3
     assert claim["verdict"].startswith(VERDICTS) and "Rombach et al. 2022" in out.read_text()
     assert (tmp_path / "images" / "claims_latent_pixel.png").stat().st_size > 1000

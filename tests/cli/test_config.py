@@ -27,8 +27,8 @@ def test_experiment_composes_and_instantiates(experiment, tmp_path, tiny_vae_exp
     file, a CLIP stage export) are the only missing values."""
     cfg = compose_config([f"experiment={experiment}", f"run_dir={tmp_path}",
                           "data.train_manifest=/nonexistent/train", "trainer.accelerator=cpu", "trainer.devices=1"])
-    if "first_stage_export" in list(cfg.model.keys()):
-        cfg.model.first_stage_export = str(tiny_vae_export)
+    if "export" in list((cfg.model.get("target") or {}).keys()):
+        cfg.model.target.export = str(tiny_vae_export)
     missing = sorted(_missing_keys(cfg))
     assert all(k.endswith(("checkpoint_path", "text_encoder.export_dir")) for k in missing), missing
     if experiment.startswith("tiny/") and "export_dir" in (cfg.model.get("text_encoder") or {}):

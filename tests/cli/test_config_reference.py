@@ -60,8 +60,7 @@ def test_comments_values_and_constructor_defaults(generated):
     # constructor arguments the YAML does not set, with their Python defaults
     assert "| `model.autoencoder.gradient_checkpointing` | `false` | `AutoencoderKL` |" in generated
     assert "| `model.text_encoder.penultimate_ln` | `true` | `OpenClipTextEncoder.from_clip_export` |" in generated
-    # ... including those a subclass hands on to its base through **kwargs (DecoderStage -> DiffusionStage)
-    assert "| `model.denoiser_init` | `null` | `DecoderStage` |" in generated
+    assert "| `model.denoiser_init` | `null` | `DiffusionStage` |" in generated
     # the experiments table: model, data and run folder of each experiment
     assert ("| [`tiny/ldm`](#experimenttinyldm) | `tiny` | `ldm` | `tiny` | `shapes` | "
             "`${paths.data}/shapes/train/manifest.json` | `32` | `cpu` | `runs/tiny-ldm` |") in generated

@@ -26,12 +26,12 @@ def write_recipe(tmp_path, shapes) -> str:
     vae = _strip(tiny_overrides(shapes, tmp_path / "vae", "trainer.max_steps=2", "final_validation=false"),
                  "experiment=")
     ldm = _strip(tiny_ldm_overrides(shapes, "X", tmp_path / "ldm", "trainer.max_steps=2", "final_validation=false"),
-                 "experiment=", "model.first_stage_export=")
+                 "experiment=", "model.target.export=")
     recipe = {"steps": [
         {"name": "hello", "kind": "command", "run": ["python", "-c", "print('prepared')"]},
         {"name": "vae", "kind": "train", "experiment": "tiny/vae", "overrides": vae},
         {"name": "ldm", "kind": "train", "experiment": "tiny/ldm", "parents": ["vae"],
-         "overrides": [*ldm, "model.first_stage_export=${stage:vae}"]},
+         "overrides": [*ldm, "model.target.export=${stage:vae}"]},
         {"name": "report", "kind": "call", "function": "t2i.eval.ldm_report:evaluate_ldm",
          "args": {"export": "${stage:ldm}", "out_dir": "${stage:ldm.run_dir}/eval",
                   "val_manifest": str(shapes / "val"), "num_prompts": 4, "steps": 2}},

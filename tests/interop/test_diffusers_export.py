@@ -86,7 +86,8 @@ def exports(tiny_ldm_export, tiny_vae_export, tmp_path_factory) -> dict[str, Pat
     for name, (schedule, prediction, spacing, layer) in VARIANTS.items():
         config = yaml.safe_load(yaml.safe_dump(ldm.config))
         model = config["model"]
-        model.update(first_stage_export=str(vae_dir), schedule=schedule, prediction=prediction)
+        model["target"]["export"] = str(vae_dir)
+        model["objective"].update(schedule=schedule, prediction=prediction)
         model["sampler"] = {**model.get("sampler", {}), "spacing": spacing}
         model["text_encoder"]["layer"] = layer
         out[name] = write_export(root / name, ldm.stage, weights, config, metrics=ldm.metrics)
@@ -363,7 +364,7 @@ def test_single_file_round_trips_through_the_compvis_readers(exports, tmp_path):
     unet = sd_unet.compvis_unet_state_dict(sd, kwargs)
     assert unet.keys() == {k[len("denoiser."):] for k in ours if k.startswith("denoiser.")}
     assert all(torch.equal(v, ours["denoiser." + k]) for k, v in unet.items())
-    vae_model, vae_kwargs, _ = sd_vae_io.read_vae_export(export.config["model"]["first_stage_export"])
+    vae_model, vae_kwargs, _ = sd_vae_io.read_vae_export(export.config["model"]["target"]["export"])
     vae = sd_vae_compvis.compvis_vae_state_dict(sd)
     sd_vae.check_t2i_vae_state_dict(vae, vae_kwargs)
     assert all(torch.equal(v, vae_model.state_dict()[k]) for k, v in vae.items())

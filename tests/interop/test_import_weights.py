@@ -194,7 +194,7 @@ def test_hf_clip_text_names_map_onto_open_clip_strictly(sd_parts):
 def test_cli_and_presets(sd2_file, tmp_path, capsys):
     main([f"source={sd2_file}", f"out={tmp_path / 'cli'}", f"preset={PRESET}", "what=vae"])
     out = capsys.readouterr().out
-    assert "model.first_stage_export=" in out and (tmp_path / "cli" / "vae" / "stage.json").is_file()
+    assert "model.target.export=" in out and (tmp_path / "cli" / "vae" / "stage.json").is_file()
     v1, v2 = preset_unet_kwargs("sd/v1"), preset_unet_kwargs("sd/v2")
     assert (v1["context_dim"], v1["use_linear_projection"], v1["num_heads"]) == (768, False, 8)
     assert (v2["context_dim"], v2["use_linear_projection"], v2["num_head_channels"]) == (1024, True, 64)

@@ -23,6 +23,7 @@ from t2i.exports import ExportError, read_export
 from t2i.pipelines.cascade import CascadePipeline
 from t2i.pipelines.sampling import SamplerSettings
 from t2i.pipelines.upsampler import UpsamplerPipeline
+from t2i.stages.conditioners import text_cond
 
 PROMPTS = ["a small red circle in the top on a black background", "a large blue square in the left on a white background"]
 
@@ -85,8 +86,8 @@ def test_precomputed_text_equals_the_frozen_encoder(text_shards, tiny_clip_expor
     batch = next(iter(dm.loader(dm.val_data, train=False, rank=0, world=1)))
     batch = dm.on_after_batch_transfer(batch, 0)
     assert {"text_tokens", "text_mask", "text_pooled"} <= set(batch)
-    pre = stage.condition(batch)
-    live = stage.condition({"caption": batch["caption"]})
+    pre = text_cond(batch, stage.net, stage.frozen_text_encoder, "cpu")
+    live = text_cond({"caption": batch["caption"]}, stage.net, stage.frozen_text_encoder, "cpu")
     n = pre.context.shape[1]
     assert torch.equal(pre.context_mask, live.context_mask[:, :n]) and not live.context_mask[:, n:].any()
     keep = pre.context_mask[..., None]
@@ -95,7 +96,8 @@ def test_precomputed_text_equals_the_frozen_encoder(text_shards, tiny_clip_expor
     with pytest.raises(ValueError, match="another text encoder"):
         precomputed_text_condition(batch, width=pre.context.shape[-1] + 1, pooled_dim=None)
     with pytest.raises(ValueError, match="needs all of"):
-        stage.condition({"caption": batch["caption"], "text_tokens": batch["text_tokens"]})
+        text_cond({"caption": batch["caption"], "text_tokens": batch["text_tokens"]}, stage.net,
+                  stage.frozen_text_encoder, "cpu")
 
 
 def test_trained_text_encoder_refuses_precomputed_states(text_shards, tiny_clip_export, tmp_path):
@@ -117,7 +119,7 @@ def test_noise_conditioning_level_reaches_the_network(text_shards, tiny_clip_exp
                                                 with_kwargs=True)
     stage.net.train()
     high = torch.rand(8, 3, 64, 64) * 2 - 1
-    stage._loss({"image": high, "caption": PROMPTS * 4}, stage.net)
+    stage.loss({"image": high, "caption": PROMPTS * 4}, stage.net)
     levels = seen[-1][:, 0]
     lo, hi = stage.net["degradation"].noise_level
     assert levels.unique().numel() == 8 and ((levels >= lo) & (levels <= hi)).all()

@@ -136,7 +136,7 @@ def test_upsampler_pipeline_and_full_chain(unclip_exports):
 
 def test_chain_refuses_a_mismatched_upsampler(unclip_exports, small_shapes, tmp_path):
     other = train(compose_config(upsampler_overrides(tmp_path / "u32", small_shapes, "trainer.fast_dev_run=true",
-                                                     "model.low_res=32", "model.crop_size=null"))).export_dir
+                                                     "model.conditioner.low_res=32", "model.conditioner.crop_size=null"))).export_dir
     with pytest.raises(ExportError, match="32px inputs"):
         UnclipPipeline.from_exports(unclip_exports["prior"], unclip_exports["decoder"], other)
 
@@ -168,7 +168,7 @@ def test_unclip_recipe_end_to_end(small_shapes, tmp_path, strategy, monkeypatch)
     for name in ("prior", "decoder"):
         steps[name]["overrides"] = [o.replace("data/clip-", f"{tmp_path}/clip-") for o in steps[name]["overrides"]]
         steps[name]["overrides"] += [f"run_dir={tmp_path}/{name}", *small, "model.sampler.steps=2"]
-    steps["prior"]["overrides"] += ["model.val_sample_batches=1"]
+    steps["prior"]["overrides"] += ["model.preview.batches=1"]
     steps["upsampler"]["overrides"] = [f"run_dir={tmp_path}/upsampler", f"data.train_manifest={small_shapes}/train",
                                        f"data.val_manifest={small_shapes}/val", *small, "model.sampler.steps=2"]
     steps["evaluate"]["args"].update(val_manifest=str(small_shapes / "val"), num_prompts=4, num_real=4)

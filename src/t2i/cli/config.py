@@ -37,7 +37,28 @@ def config_dir() -> Path:
     return path
 
 
+# keys of the diffusion stages that moved into their parts (t2i.config_layout reads old exports; a command line
+# that names an old key gets the new one here instead of Hydra's "not in struct")
+MOVED_KEYS = {"model.first_stage_export": "model.target.export",
+              "model.latents_from": "model.target.precomputed (true for latent.npy in the shards)",
+              "model.scale_fit_samples": "model.target.fit_samples", "model.low_res": "model.conditioner.low_res",
+              "model.crop_size": "model.conditioner.crop_size", "model.prediction": "model.objective.prediction",
+              "model.loss_weighting": "model.objective.loss_weighting",
+              "model.min_snr_gamma": "model.objective.min_snr_gamma",
+              "model.offset_noise": "model.objective.offset_noise", "model.val_sample_batches": "model.preview.batches",
+              "model.best_of": "model.preview.best_of"}
+
+
+def check_moved_keys(overrides: Sequence[str]) -> None:
+    """Refuse an override of a key that moved, naming where it is now."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in MOVED_KEYS:
+            raise ValueError(f"{key} is now {MOVED_KEYS[key]} (the diffusion stage's parts, docs/configuration.md)")
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """Compose the training config exactly as the command line would, from a list of overrides."""
+    check_moved_keys(overrides)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

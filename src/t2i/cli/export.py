@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 
 from t2i.checkpoint_files import checkpoint_problem, is_zero_checkpoint
 from t2i.checkpointing import CheckpointError, check_stage_tag
+from t2i.config_layout import upgrade_model_config
 from t2i.distributed.deepspeed import zero_checkpoint_state_dict, zero_client_state
 from t2i.exports import write_export
 
@@ -68,10 +69,15 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source)
 
 def export_from_checkpoint(config: dict, ckpt: str | Path, out: str | Path, metrics: dict | None = None,
                            datamodule=None) -> Path:
-    """Rebuild the stage of `config` on the CPU, load `ckpt` into it, write its export to `out`."""
+    """Rebuild the stage of `config` on the CPU, load `ckpt` into it, write its export to `out`. A run of an older
+    config layout is read as today's (`t2i.config_layout`, and the stage's ``on_load_checkpoint`` for its keys)."""
+    config = {**config, "model": upgrade_model_config(dict(config["model"]))}
     model = instantiate(config["model"])
     check_stage_tag(ckpt, model)
     state, step = checkpoint_state(ckpt)
+    holder = {"state_dict": state}
+    model.on_load_checkpoint(holder)
+    state = holder["state_dict"]
     load_strict(model, state, ckpt)
     model.eval()
     metrics = dict(metrics or {})

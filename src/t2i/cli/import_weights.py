@@ -7,7 +7,7 @@
 file holding pickled objects is refused) or a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``).
 `out` receives:
 
-- ``vae/``: a VAE stage export (``model.first_stage_export``), latent scale 0.18215 (or the folder's);
+- ``vae/``: a VAE stage export (``model.target.export``), latent scale 0.18215 (or the folder's);
 - ``unet.safetensors``: the UNet in t2i's names (``model.denoiser_init``), checked strictly against the preset's
   UNet (`preset`: an experiment name, ``sd/v1`` or ``sd/v2``): a checkpoint of another architecture is an
   error listing the mismatched keys and shapes;
@@ -89,7 +89,7 @@ def import_stable_diffusion(source: str | Path, out: str | Path, preset: str | N
     if what in ("all", "vae"):
         model, kwargs, scale = parts["vae"]
         written["vae"] = str(sd_vae_io.write_vae_export(model, kwargs, scale, out / "vae", str(source)))
-        overrides.append(f"model.first_stage_export={written['vae']}")
+        overrides.append(f"model.target.export={written['vae']}")
     if what in ("all", "text"):
         if parts["text"] is None:
             if what == "text":

@@ -35,7 +35,7 @@ from t2i.checkpointing import (
     choose_resume_checkpoint,
 )
 from t2i.cli.batch import apply_global_batch
-from t2i.cli.config import config_dir
+from t2i.cli.config import check_moved_keys, config_dir
 from t2i.exports import write_export
 
 log = logging.getLogger("t2i.train")
@@ -167,4 +167,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_moved_keys(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"[t2i] {e}")
     main()

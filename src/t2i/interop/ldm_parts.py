@@ -44,18 +44,17 @@ def load_ldm_parts(export_dir: str | Path, vae_export: str | Path | None = None)
     local checkpoint file is gone) is reported in ``text_encoder_problem``, not raised."""
     from t2i.exports import read_export
     from t2i.pipelines.build import load_module
-    from t2i.pipelines.stage_pipeline import text_encoder_of
+    from t2i.pipelines.stage_pipeline import text_encoder_of, vae_export_of
 
     export = read_export(export_dir)
     model = export.config.get("model") or {}
     if "denoiser" not in model:
         raise DiffusersExportError(f"{export_dir} is a {export.stage!r} export without model.denoiser: not an LDM "
                                    f"stage export")
-    latents_from = model.get("latents_from", "image" if "first_stage_export" in model else "pixels")
-    if latents_from == "pixels" or not (vae_export or model.get("first_stage_export")):
+    if vae_export_of(model) is None:
         raise DiffusersExportError(f"{export_dir} is a pixel-space {export.stage!r} stage: a StableDiffusionPipeline "
-                                   f"needs a latent diffusion stage with a VAE (model.first_stage_export)")
-    vae_dir = Path(vae_export or model["first_stage_export"])
+                                   f"needs a latent diffusion stage with a VAE (model.target.export)")
+    vae_dir = Path(vae_export or vae_export_of(model))
     if not vae_dir.is_dir():
         raise DiffusersExportError(f"{export_dir} needs its VAE export {vae_dir}, which is missing (pass vae_export=)")
     unet = load_module(export, "denoiser", "denoiser")
@@ -74,7 +73,8 @@ def load_ldm_parts(export_dir: str | Path, vae_export: str | Path | None = None)
     if vae.latent_channels != unet.in_channels:
         raise DiffusersExportError(f"{export_dir} denoises {unet.in_channels}-channel latents but the VAE export "
                                    f"{vae_dir} makes {vae.latent_channels}-channel ones (pass vae_export=)")
+    objective = model.get("objective") or {}
     return LDMParts(Path(export_dir), export.config, unet.eval(), unet_kwargs, cond_dropout.eval(), text, problem,
                     vae.eval(), vae_kwargs, float(scale), vae_dir, int(model["image_size"]),
-                    normalize_schedule(model.get("schedule")), str(model.get("prediction", "eps")),
+                    normalize_schedule(objective.get("schedule")), str(objective.get("prediction", "eps")),
                     dict(model.get("sampler") or {}))

@@ -66,7 +66,7 @@ def diffusers_version() -> str:
 
 
 def normalize_schedule(schedule_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Our ``model.schedule`` node with make_schedule's defaults filled in: ``{kind, T, zero_terminal_snr, <β
+    """Our ``model.objective.schedule`` node with make_schedule's defaults filled in: ``{kind, T, zero_terminal_snr, <β
     keys of the kind>}``. Unknown keys raise (make_schedule would)."""
     cfg = dict(schedule_cfg or {})
     kind = cfg.pop("kind", "linear")
@@ -142,7 +142,7 @@ class SchedulerExport:
 
 def scheduler_export(schedule_cfg: Mapping[str, Any] | None, prediction: str, *, spacing: str = "leading",
                      tol: float = TOLERANCE) -> SchedulerExport:
-    """The DDIMScheduler config reproducing our `schedule_cfg` (``model.schedule``) and `prediction`
+    """The DDIMScheduler config reproducing our `schedule_cfg` (``model.objective.schedule``) and `prediction`
     (eps | v | x0) with our DDIM's timestep `spacing`, checked numerically against make_schedule."""
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction must be one of {sorted(PREDICTION_TYPES)}, got {prediction!r}")

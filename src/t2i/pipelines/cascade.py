@@ -42,7 +42,7 @@ class CascadePipeline:
     def __init__(self, base: TextToImagePipeline, upsamplers: list[UpsamplerPipeline],
                  settings: CascadeSettings | None = None):
         if base.first_stage is not None:
-            raise ExportError("a cascade's base model is a pixel-space one (latents_from: pixels)")
+            raise ExportError("a cascade's base model is a pixel-space one (target: Pixels)")
         size = base.image_size
         for i, up in enumerate(upsamplers):
             if up.low_res != size:

@@ -11,6 +11,12 @@ from t2i.exports import Export
 from t2i.pipelines.build import build_from_config, load_module
 
 
+def vae_export_of(model: dict) -> str | None:
+    """The VAE stage export a latent diffusion stage's ``model.target`` names (None for a pixel-space stage)."""
+    target = model.get("target") or {}
+    return target.get("export") if str(target.get("_target_", "")).endswith(".VaeLatents") else None
+
+
 def load_net(export: Export, names: tuple[str, ...]) -> nn.ModuleDict:
     """The export's modules ``names`` (each built from ``model.<name>`` and loaded from ``<name>.*``), in eval."""
     return nn.ModuleDict({name: load_module(export, name, name) for name in names}).eval()
@@ -47,8 +53,8 @@ class StagePipeline:
 
     @staticmethod
     def _schedule(export: Export) -> tuple[torch.Tensor, str]:
-        model = export.config["model"]
-        return make_schedule(**model.get("schedule", {})), model.get("prediction", "eps")
+        objective = export.config["model"].get("objective") or {}
+        return make_schedule(**objective.get("schedule", {})), objective.get("prediction", "eps")
 
     def to(self, device):
         for m in (self.net, self.text_encoder):

@@ -14,7 +14,7 @@ from t2i.exports import ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
 from t2i.pipelines.build import check_text_width
 from t2i.pipelines.sampling import SamplerSettings, sample
-from t2i.pipelines.stage_pipeline import StagePipeline, load_net, text_encoder_of
+from t2i.pipelines.stage_pipeline import StagePipeline, load_net, text_encoder_of, vae_export_of
 
 
 class TextToImagePipeline(StagePipeline):
@@ -40,8 +40,8 @@ class TextToImagePipeline(StagePipeline):
         if trained is not None:
             net["text_encoder"] = trained
         first_stage = None
-        if model.get("latents_from", "image" if "first_stage_export" in model else "pixels") != "pixels":
-            vae = Path(vae_export or model["first_stage_export"])
+        if vae_export_of(model) is not None:
+            vae = Path(vae_export or vae_export_of(model))
             if not vae.is_dir():
                 raise ExportError(f"{export_dir} needs its VAE export {vae}, which is missing (pass vae_export=)")
             first_stage = load_autoencoder(vae)

@@ -38,7 +38,7 @@ class UpsamplerPipeline(StagePipeline):
         if trained is not None:
             net["text_encoder"] = trained
         check_text_width(net["denoiser"], frozen, export_dir)
-        return cls(net, ac, prediction, int(model["image_size"]), int(model["low_res"]), export.config,
+        return cls(net, ac, prediction, int(model["image_size"]), int(model["conditioner"]["low_res"]), export.config,
                    text_encoder=frozen).to(device)
 
     @property

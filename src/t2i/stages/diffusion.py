@@ -1,14 +1,27 @@
 """The diffusion stage: "denoise a target given conditioning", one training path for every system.
 
-A stage is this module plus small named pieces: where the target comes from (a frozen first stage that
-encodes images to latents, precomputed latents in the batch, or pixels), how captions become a `Cond`
-(a text encoder, trained jointly or frozen), per-key conditioning dropout for classifier-free guidance,
-the noise schedule, the parameterization and the loss weighting. EMA of the trained parts is kept in
-the module (so checkpoints hold it) and used for sample grids, validation and the export.
+A stage is this module and config-built parts (``model.<part>``), so that a system is a configuration:
 
-This class is the latent diffusion stage. Other systems subclass it and override only their pieces:
-``target`` / ``inputs`` (what is denoised), ``condition`` (what conditions it), ``batch_size``, and their
-sample grids and pipeline (`t2i.stages.prior`, `t2i.stages.decoder`, `t2i.stages.upsampler`).
+- ``target`` (`t2i.stages.targets`): the clean x0 of a batch: VAE latents, pixels, a CLIP image embedding;
+- ``conditioner`` (`t2i.stages.conditioners`): the `Cond` of a batch: text, CLIP text, CLIP image, a low-res image;
+- ``cond_dropout``: per-key conditioning dropout to learned or zero nulls, for classifier-free guidance;
+- ``objective`` (`t2i.diffusion.objective`): the noise schedule, the parameterization and the loss weighting;
+- ``preview`` (`t2i.stages.previews`): the sample grids or validation metrics shown while training, and the
+  inference pipeline they are drawn with.
+
+The networks trained together (the denoiser, the text encoder when trained jointly, the dropout's nulls, the
+super-resolution degradation, the prior's embedding scale) are ``net``; an EMA of it is kept in the module (so
+checkpoints hold it) and used for sample grids, validation and the export.
+
+=========  ==============  =============  ===============
+system     target          conditioner    preview
+=========  ==============  =============  ===============
+LDM        VaeLatents      Text           PromptGrid
+Imagen     Pixels          Text           PromptGrid
+prior      ClipImageEmb.   ClipText       EmbeddingCosine
+decoder    Pixels          ClipImage      DecoderGrid
+SR stages  Pixels          LowRes         UpsamplerGrid
+=========  ==============  =============  ===============
 """
 
 from __future__ import annotations
@@ -22,15 +35,14 @@ from torch import nn
 from t2i.callbacks.nonfinite import SkippedStepsAware, optimizer_step_skipped
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
-from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
-from t2i.conditioning.text_encoding import text_condition
-from t2i.diffusion import diffusion_loss, make_schedule
+from t2i.diffusion.objective import DiffusionObjective
 from t2i.images import log_grid
 from t2i.interop.unet_init import load_unet_weights
 from t2i.nn.ema import EMA
-from t2i.pipelines.autoencoder import load_autoencoder
 from t2i.pipelines.sampling import SamplerSettings
-from t2i.pipelines.text_to_image import TextToImagePipeline
+from t2i.stages.conditioners import Text
+from t2i.stages.previews import Preview, PromptGrid
+from t2i.stages.targets import VaeLatents
 
 
 def _context_null_width(dropout: CondDropout) -> int | None:
@@ -40,23 +52,20 @@ def _context_null_width(dropout: CondDropout) -> int | None:
 
 
 class DiffusionStage(SkippedStepsAware, L.LightningModule):
-    def __init__(self, denoiser: nn.Module, optimizer: partial, text_encoder: nn.Module | None = None,
-                 cond_dropout: CondDropout | None = None, first_stage_export: str | None = None,
-                 latents_from: str = "image", image_size: int = 256, schedule: dict | None = None,
-                 prediction: str = "eps", loss_weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                 offset_noise: float = 0.0, lr_scheduler: partial | None = None, ema_decay: float = 0.9999,
+    def __init__(self, denoiser: nn.Module, optimizer: partial, target: nn.Module, conditioner=None,
+                 objective: DiffusionObjective | None = None, preview: Preview | None = None,
+                 text_encoder: nn.Module | None = None, cond_dropout: CondDropout | None = None,
+                 degradation: nn.Module | None = None, embedding_scale: nn.Module | None = None,
+                 image_size: int = 256, lr_scheduler: partial | None = None, ema_decay: float = 0.9999,
                  ema_warmup: bool = True, sample_every_n_steps: int = 1000, sample_prompts: list | None = None,
                  sampler: dict | None = None, sample_seed: int = 0, samples_dir: str | None = None,
-                 stage_name: str = "ldm", extra_modules: dict[str, nn.Module] | None = None,
-                 denoiser_init: str | None = None):
+                 stage_name: str = "ldm", denoiser_init: str | None = None):
         super().__init__()
         if denoiser_init:  # imported weights (t2i.cli.import_weights): before the EMA copies the network
             load_unet_weights(denoiser, denoiser_init)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
-        if latents_from not in ("image", "batch", "pixels", None):
-            raise ValueError(f"latents_from must be image, batch, pixels or None (a subclass's own target), "
-                             f"got {latents_from!r}")
+        conditioner = conditioner if conditioner is not None else Text()
         trainable_text = text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters())
         if trainable_text and not getattr(denoiser, "vector_dim", None) and \
                 hasattr(text_encoder, "parameters_unused_without_pooled"):
@@ -65,18 +74,10 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
         parts = {"denoiser": denoiser, "cond_dropout": cond_dropout or CondDropout({})}
         if trainable_text:
             parts["text_encoder"] = text_encoder
-        parts.update(extra_modules or {})  # a subclass's own parts (kept in the EMA and the export)
-        self.net = nn.ModuleDict(parts)
-        self.frozen_text_encoder = None if trainable_text else text_encoder
-        self.first_stage = None
-        if latents_from in ("image", "batch"):
-            if not first_stage_export:
-                raise ValueError("latent diffusion needs first_stage_export (the VAE stage export)")
-            self.first_stage = load_autoencoder(first_stage_export)
-            if denoiser.in_channels != self.first_stage.latent_channels:
-                raise ValueError(f"incompatible input: the UNet takes {denoiser.in_channels} channels but the VAE "
-                                 f"export {first_stage_export} makes {self.first_stage.latent_channels}-channel "
-                                 f"latents; set model.denoiser.in_channels/out_channels to match")
+        parts.update({name: m for name, m in (("degradation", degradation), ("embedding_scale", embedding_scale))
+                      if m is not None})
+        target.setup(denoiser, parts, image_size)
+        conditioner.setup(denoiser, text_encoder, parts, image_size)
         width = getattr(text_encoder, "width", None)
         if text_encoder is not None and getattr(denoiser, "context_dim", None) not in (None, width):
             raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, the UNet "
@@ -86,65 +87,43 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
             raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, but the "
                              f"cond_dropout's context null is {null_width} wide; set model.cond_dropout.context_dim"
                              f"={width}")
-        self.register_buffer("alphas_cumprod", make_schedule(**(schedule or {})), persistent=False)
-        self.latents_from, self.image_size, self.prediction = latents_from, image_size, prediction
-        self.loss_weighting, self.min_snr_gamma, self.offset_noise = loss_weighting, min_snr_gamma, offset_noise
+        self.net = nn.ModuleDict(parts)
+        self.frozen_text_encoder = None if trainable_text else text_encoder
+        self.target, self.conditioner = target, conditioner
+        self.objective = objective if objective is not None else DiffusionObjective()
+        self.preview = preview if preview is not None else PromptGrid()
+        self.image_size = image_size
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema = EMA(self.net, ema_decay, ema_warmup) if ema_decay > 0 else None
         self.sample_every_n_steps, self.sample_prompts = sample_every_n_steps, list(sample_prompts or [])
         self.sampler_settings, self.sample_seed = SamplerSettings(**(sampler or {})), sample_seed
         self.samples_dir, self.stage_name = samples_dir, stage_name
         self._last_step_seen = -1
-        self._reference: dict | None = None  # a few validation samples for sample grids (subclasses)
+        self._reference: dict | None = None  # a few validation samples for the preview's grids
+        self._val_metrics: dict[str, list[torch.Tensor]] = {}
 
-    # ---- pieces ---------------------------------------------------------------------------------
     @property
     def inference_net(self) -> nn.ModuleDict:
         return self.ema.module if self.ema is not None else self.net
 
-    def target(self, batch: dict) -> torch.Tensor:
-        """x0, the clean sample the denoiser learns (latents, pixels; subclasses: embeddings...)."""
-        if self.latents_from == "batch":
-            return self._checked_latents(batch["latent"]).float()
-        if self.latents_from == "image":
-            return self.first_stage.encode(batch["image"]).float()
-        if self.latents_from == "pixels":
-            return batch["image"]
-        raise NotImplementedError(f"{type(self).__name__} must define target() (latents_from=None)")
-
-    def _checked_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Precomputed ``latent.npy`` must be what the VAE export makes at ``image_size`` (else they were
-        written by another VAE or at another resolution, and the UNet would fail or learn the wrong thing)."""
-        vae, side = self.first_stage, self.image_size // self.first_stage.downsample_factor
-        want = (vae.latent_channels, side, side)
-        if latents.ndim != 4 or tuple(latents.shape[1:]) != want:
-            raise ValueError(f"latent.npy of shape {tuple(latents.shape[1:])} per sample, but the VAE export "
-                             f"{vae.source} makes {want} latents at image_size={self.image_size}: were the shards "
-                             f"encoded with another VAE or resolution? (rerun data_prep/encode_latents.py with "
-                             f"this VAE export; data.array_shapes=[{list(want)}] skips odd samples)")
-        return latents
-
     def inputs(self, batch: dict, net: nn.ModuleDict) -> tuple[torch.Tensor, Cond]:
         """(x0, conditioning before dropout) of a batch; ``net`` is the training net or its EMA."""
-        return self.target(batch), self.condition(batch, net)
+        return self.conditioner(batch, self.target.x0(batch, net), net, self.frozen_text_encoder)
 
-    def condition(self, batch: dict, net: nn.ModuleDict | None = None) -> Cond:
-        """The conditioning of a batch before classifier-free-guidance dropout: captions -> text Cond, or the
-        frozen encoder's states precomputed into the batch (data_prep/encode_text.py)."""
-        net = net if net is not None else self.net
-        if has_precomputed_text(batch):
-            encoder = self.frozen_text_encoder
-            if encoder is None:
-                raise ValueError("precomputed text states in the batch, but this stage has no frozen text encoder "
-                                 "(a trained one's states would be stale after the first step): drop them from "
-                                 "data.array_fields")
-            pooled_dim = encoder.pooled_dim if getattr(net["denoiser"], "vector_dim", None) else None
-            return precomputed_text_condition(batch, encoder.width, pooled_dim).to(self.device)
-        return text_condition(net, self.frozen_text_encoder, batch["caption"])
+    def batch_size(self, batch: dict) -> int:
+        field = self.target.field
+        return len(batch[field]) if field in batch else 0
 
-    @staticmethod
-    def batch_size(batch: dict) -> int:
-        return len(batch["caption"])
+    def loss(self, batch: dict, net: nn.ModuleDict, generator: torch.Generator | None = None):
+        """(loss, diagnostics) of a batch under ``net`` (the training net, or the EMA for validation)."""
+        x0, cond = self.inputs(batch, net)
+        cond = net["cond_dropout"](cond, generator=generator)
+        denoiser = net["denoiser"]
+        return self.objective.loss(lambda x, t: denoiser(x, t, **cond.as_kwargs()), x0, generator=generator)
+
+    def pipeline(self):
+        """The inference pipeline over the EMA weights (what the export will hold)."""
+        return self.preview.pipeline(self)
 
     # ---- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -153,25 +132,25 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
-    def _loss(self, batch: dict, net: nn.ModuleDict, generator: torch.Generator | None = None):
-        x0, cond = self.inputs(batch, net)
-        cond = net["cond_dropout"](cond, generator=generator)
-        denoiser = net["denoiser"]
-        return diffusion_loss(lambda x, t: denoiser(x, t, **cond.as_kwargs()), x0, self.alphas_cumprod,
-                              self.prediction, self.loss_weighting, self.min_snr_gamma, self.offset_noise,
-                              generator=generator)
+    def on_fit_start(self) -> None:
+        fit = getattr(self.target, "fit", None)  # a target measured on the data (the prior's "dataset" scale)
+        if fit is not None:
+            dm = self.trainer.datamodule  # every rank reads the same first samples: equal statistics
+            nets = [self.net] + ([self.ema.module] if self.ema is not None else [])
+            fit(nets, lambda: dm.loader(dm.train_data, train=False, rank=0, world=1), self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.batch_size(batch) == 0:  # every sample unusable: a zero step keeps DDP ranks in step
             return sum(p.sum() for p in self.net.parameters() if p.requires_grad) * 0.0
-        loss, _ = self._loss(batch, self.net)
+        loss, _ = self.loss(batch, self.net)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
         return loss
 
     def on_train_start(self) -> None:
         self._last_step_seen = self.global_step  # 0, or the restored step on resume
-        if self._reference is None and self.uses_reference and self.samples_on_this_rank():
-            self._reference = self.reference_from(self._first_validation_batch())
+        if self._reference is None and self.preview.needs_reference and self.samples_on_this_rank():
+            batch = self._first_validation_batch()
+            self._reference = self.preview.reference_from(batch, self.batch_size(batch)) if batch else None
 
     def _first_validation_batch(self) -> dict | None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -198,37 +177,32 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
         self._last_step_seen = step
         if self.ema is not None:
             self.log("train/ema_decay", self.ema.current_decay())
-        if self.sample_every_n_steps and step % self.sample_every_n_steps == 0 and self.can_sample():
+        if self.sample_every_n_steps and step % self.sample_every_n_steps == 0:
             self.log_samples(f"samples/step{step}")
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_metrics = {}
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if self.batch_size(batch) == 0:
+        n = self.batch_size(batch)
+        if n == 0:
             return
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same t and noise each time
-        loss, _ = self._loss(batch, self.inference_net, generator=gen)
-        self.log("val/loss", loss, sync_dist=True, batch_size=self.batch_size(batch))
-        if batch_idx == 0 and self._reference is None and self.uses_reference:
-            self._reference = self.reference_from(batch)
+        loss, _ = self.loss(batch, self.inference_net, generator=gen)
+        self.log("val/loss", loss, sync_dist=True, batch_size=n)
+        if batch_idx == 0 and self._reference is None and self.preview.needs_reference:
+            self._reference = self.preview.reference_from(batch, n)
+        for name, values in self.preview.validation_metrics(self, batch, batch_idx).items():
+            self._val_metrics.setdefault(name, []).append(values)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, values in self._val_metrics.items():
+            self.log(f"val/{name}", torch.cat(values).mean(), sync_dist=True)
 
     def on_fit_end(self) -> None:
-        if self.can_sample():
-            self.log_samples("samples/final")
+        self.log_samples("samples/final")
 
     # ---- sampling and export --------------------------------------------------------------------
-    uses_reference = False  # sample grids from a few validation samples (decoder, upsampler)
-
-    def reference_from(self, batch: dict | None) -> dict | None:
-        """What sample grids need from the first validation batch (nothing: the LDM samples prompts)."""
-        return None
-
-    def can_sample(self) -> bool:
-        return self._reference is not None if self.uses_reference else bool(self.sample_prompts)
-
-    def pipeline(self) -> TextToImagePipeline:
-        """The inference pipeline over the EMA weights (what the export will hold)."""
-        return TextToImagePipeline(self.inference_net, self.frozen_text_encoder, self.first_stage,
-                                       self.alphas_cumprod, self.prediction, self.image_size)
-
     def samples_on_this_rank(self) -> bool:
         """Rank 0 draws the sample grids; under ZeRO-3 every rank runs the sampler with it (each forward gathers
         the sharded parameters, a collective) and rank 0 writes the grid."""
@@ -237,9 +211,17 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
     def log_samples(self, tag: str) -> None:
         if not self.samples_on_this_rank():
             return
-        images = self.pipeline()(self.sample_prompts, self.sampler_settings, seed=self.sample_seed)
-        if self.trainer.is_global_zero:
-            log_grid(self, tag, images, self.samples_dir, nrow=min(8, len(images)))
+        drawn = self.preview.draw(self, self._reference)
+        if drawn is not None and self.trainer.is_global_zero:
+            images, nrow = drawn
+            log_grid(self, tag, images, self.samples_dir, nrow=nrow)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.inference_net.state_dict())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written before the VAE moved into ``target`` holds it under ``first_stage.``."""
+        state = checkpoint.get("state_dict", {})
+        if isinstance(self.target, VaeLatents):
+            for key in [k for k in state if k.startswith("first_stage.")]:
+                state[f"target.{key}"] = state.pop(key)
