@@ -30,6 +30,10 @@ from t2i.pipelines.upsampler import UpsamplerPipeline
 class Preview:
     needs_reference = False
 
+    def pipeline(self, stage):
+        """The stage's inference pipeline over its EMA weights."""
+        raise NotImplementedError(f"{type(self).__name__} must say which pipeline its stage samples with")
+
     def reference_from(self, batch: dict, n: int) -> dict | None:
         return None
 
