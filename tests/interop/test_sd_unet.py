@@ -349,3 +349,36 @@ def test_sdxl_config_is_refused_by_name():
     with pytest.raises(ValueError, match="addition_embed_type='text_time'") as err:
         unet_kwargs_from_diffusers_config(sdxl)
     assert "addition_time_embed_dim=256" in str(err.value) and "block_types" not in str(err.value)
+
+
+def test_size_crop_conditioning_is_diffusers_text_time_layout():
+    """SDXL's micro-conditioning: our vector [pooled, size_crop_embedding(ids)] through ``label_emb`` is diffusers'
+    ``addition_embed_type="text_time"`` (``add_time_proj`` of the ids, concatenated after ``text_embeds``, through
+    ``add_embedding``) with the same weights."""
+    from t2i.conditioning.size_crop import size_crop_embedding, size_crop_ids
+
+    dim, pooled = 8, 12
+    config = dict(CONFIGS["three_levels"], class_embed_type=None, addition_embed_type="text_time",
+                  addition_time_embed_dim=dim, projection_class_embeddings_input_dim=pooled + 6 * dim)
+    reference = diffusers_model_from(config)
+    as_projection = dict(config, class_embed_type="projection", addition_embed_type=None, addition_time_embed_dim=None)
+    kwargs = unet_kwargs_from_diffusers_config(as_projection)
+    state = {k.replace("add_embedding.", "class_embedding.", 1): v for k, v in reference.state_dict().items()}
+    unet = UNet(**kwargs)
+    unet.load_state_dict(diffusers_to_t2i_unet_state_dict(state, kwargs))
+    x, t, context, _ = inputs("sd1")
+    text_embeds = torch.randn(2, pooled, generator=torch.Generator().manual_seed(3))
+    ids = size_crop_ids(2, (512, 768), torch.tensor([[600.0, 1000.0], [512.0, 768.0]]),
+                        torch.tensor([[44.0, 116.0], [0.0, 0.0]]))
+    with torch.no_grad():
+        expected = reference(x, t, encoder_hidden_states=context,
+                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": ids}).sample
+    ours = t2i_out(unet.eval(), x, t, context, torch.cat([text_embeds, size_crop_embedding(ids, dim)], dim=1))
+    assert expected.abs().mean() > 0.1 and max_diff(ours, expected) <= TOL
+    other = t2i_out(unet, x, t, context, torch.cat([text_embeds, size_crop_embedding(ids.flip(0), dim)], dim=1))
+    assert max_diff(other, ours) > 1e-3  # the ids reach the output
+
+
+def diffusers_model_from(config: dict, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return randomize(UNet2DConditionModel(**config), seed)

@@ -10,7 +10,8 @@
 Options (key=value): pipeline (ldm|unclip), export (default runs/tiny-ldm/export, the last
 `make train-ldm`), vae_export, prompt, prompts_file, out_dir, steps, eta, guidance_scale, sampler
 (ddim|ddpm), seed, batch_size, num_images (per prompt or input image), mode (images|interpolate),
-seed_b, frames, device. unCLIP (defaults: the last `make train-unclip`): prior_export, decoder_export,
+seed_b, frames, device, height and width (pixels; default the trained square; an LDM trained with
+aspect-ratio buckets draws any bucket's shape). unCLIP (defaults: the last `make train-unclip`): prior_export, decoder_export,
 upsampler_export (none: stop at the decoder's resolution), image (a file or folder: variations),
 prior_steps, prior_guidance_scale, best_of, upsampler_steps; steps/eta/guidance_scale/sampler are the
 decoder's. Imagen / GLIDE cascades (defaults: the last `make train-imagen` / `make train-glide`): base_export,
@@ -72,6 +73,8 @@ class GenerateOptions:
     sr_steps: int | None = None
     sr_guidance_scale: float | None = None
     sr_noise_level: float | None = None
+    height: int | None = None  # the image drawn (ldm / base pipelines; default: the trained square)
+    width: int | None = None
 
 
 def parse_options(argv: list[str]) -> GenerateOptions:
@@ -121,7 +124,10 @@ def generate_images(pipe: TextToImagePipeline, opts: GenerateOptions, prompts: l
     for start in range(0, len(jobs), opts.batch_size):
         chunk = jobs[start: start + opts.batch_size]
         seed = opts.seed + start  # each batch its own seed: the output does not depend on batch_size alone
-        images = to_uint8(pipe([p for p, _ in chunk], settings, seed=seed))
+        size = {k: v for k, v in (("height", opts.height), ("width", opts.width)) if v is not None}
+        if size and not isinstance(pipe, TextToImagePipeline):
+            raise SystemExit(f"height=/width= apply to the ldm and base pipelines, not pipeline={opts.pipeline}")
+        images = to_uint8(pipe([p for p, _ in chunk], settings, seed=seed, **size))
         for i, ((prompt, k), image) in enumerate(zip(chunk, images)):
             name = f"{start + i:05d}-{slug(prompt)}" + (f"-{k}" if opts.num_images > 1 else "")
             written.append(save_png(image, out / f"{name}.png", _metadata(prompt, opts, seed)))

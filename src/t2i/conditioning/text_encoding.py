@@ -34,15 +34,19 @@ class TextEncoding(NamedTuple):
         return Cond(context=context, context_mask=mask, vector=self.pooled if vector else None)
 
 
-def text_condition(net: nn.ModuleDict, frozen_text_encoder: nn.Module | None, captions: list[str]) -> Cond:
+def text_condition(net: nn.ModuleDict, frozen_text_encoder: nn.Module | None, captions: list[str],
+                   pooled: bool | None = None) -> Cond:
     """Captions -> ``Cond`` through the stage's text encoder: ``net["text_encoder"]`` when it is trained with
-    the denoiser, else the frozen one (no graph kept); the pooled vector only when the denoiser takes one."""
+    the denoiser, else the frozen one (no graph kept); the pooled vector when ``pooled`` (by default: when the
+    denoiser takes a vector)."""
     encoder = net["text_encoder"] if "text_encoder" in net else frozen_text_encoder  # noqa: SIM401
     if encoder is None:
         return Cond()
     with torch.no_grad() if encoder is frozen_text_encoder else contextlib.nullcontext():
         encoding = TextEncoding(*encoder(captions))
-    return encoding.to_cond(vector=bool(getattr(net["denoiser"], "vector_dim", None)))
+    if pooled is None:
+        pooled = bool(getattr(net["denoiser"], "vector_dim", None))
+    return encoding.to_cond(vector=pooled)
 
 
 @torch.no_grad()

@@ -162,7 +162,15 @@ def export_diffusers(export_dir: str | Path, out: str | Path, *, vae_export: str
     if timestep_notes:
         warnings.append(f"diffusers' DDIM does not visit t2i's {spacing!r} timesteps for some step counts: "
                         + "; ".join(timestep_notes[:3]))
-    if parts.unet_kwargs.get("vector_dim"):
+    size_embedding = int((parts.config["model"].get("conditioner") or {}).get("size_embedding", 0))
+    if size_embedding:
+        warnings.append(f"the UNet takes SDXL's size/crop micro-conditioning ({size_embedding} features per number, "
+                        f"after any pooled text embedding in its vector): diffusers holds the vector's projection as a "
+                        f"'projection' class embedding, which StableDiffusionPipeline does not feed; pass "
+                        f"class_labels = [pooled, t2i.conditioning.size_crop.size_crop_embedding(ids)] yourself (the "
+                        f"same network as diffusers' addition_embed_type='text_time' with add_embedding = "
+                        f"class_embedding)")
+    elif parts.unet_kwargs.get("vector_dim"):
         warnings.append("the UNet takes the pooled text embedding (vector_dim): diffusers holds it as a 'projection' "
                         "class embedding, which StableDiffusionPipeline does not feed (pass class_labels yourself)")
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from t2i.conditioning.cond import Cond
+from t2i.conditioning.size_crop import size_crop_embedding, size_crop_ids, takes_pooled
 from t2i.conditioning.text_encoding import text_condition
 from t2i.exports import ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
@@ -25,9 +26,9 @@ class TextToImagePipeline(StagePipeline):
 
     def __init__(self, net: nn.ModuleDict, frozen_text_encoder: nn.Module | None,
                  first_stage: FrozenAutoencoder | None, alphas_cumprod: torch.Tensor, prediction: str,
-                 image_size: int, config: dict | None = None):
+                 image_size: int, config: dict | None = None, size_embedding: int = 0):
         super().__init__(net, alphas_cumprod, prediction, frozen_text_encoder, config)
-        self.first_stage, self.image_size = first_stage, image_size
+        self.first_stage, self.image_size, self.size_embedding = first_stage, image_size, size_embedding
 
     @classmethod
     def from_export(cls, export_dir: str | Path, vae_export: str | Path | None = None,
@@ -51,7 +52,9 @@ class TextToImagePipeline(StagePipeline):
                                   f"export this stage was trained with (vae_export=)")
         check_text_width(net["denoiser"], frozen, export_dir)
         ac, prediction = cls._schedule(export)
-        return cls(net, frozen, first_stage, ac, prediction, int(model["image_size"]), export.config).to(device)
+        size_embedding = int((model.get("conditioner") or {}).get("size_embedding", 0))
+        return cls(net, frozen, first_stage, ac, prediction, int(model["image_size"]), export.config,
+                   size_embedding).to(device)
 
     def to(self, device) -> TextToImagePipeline:
         super().to(device)
@@ -59,22 +62,47 @@ class TextToImagePipeline(StagePipeline):
             self.first_stage.to(device)
         return self
 
-    def condition(self, prompts: list[str]) -> Cond:
-        """The prompts' conditioning (token states, mask, pooled vector when the denoiser takes one)."""
-        return text_condition(self.net, self.text_encoder, list(prompts))
+    def condition(self, prompts: list[str], original_size: tuple[int, int] | None = None,
+                  crop_top_left: tuple[int, int] = (0, 0), size: tuple[int, int] | None = None) -> Cond:
+        """The prompts' conditioning (token states, mask, pooled vector when the denoiser takes one) and, for a
+        size-conditioned UNet, the size/crop embedding: by default an uncropped image of the size drawn."""
+        if not self.size_embedding:
+            if original_size is not None or tuple(crop_top_left) != (0, 0):
+                raise ValueError("this model takes no size/crop conditioning (model.conditioner.size_embedding: 0)")
+            return text_condition(self.net, self.text_encoder, list(prompts))
+        encoder = self.net["text_encoder"] if "text_encoder" in self.net else self.text_encoder  # noqa: SIM401 (ModuleDict has no get)
+        pooled = takes_pooled(self.net["denoiser"].vector_dim, self.size_embedding, encoder.pooled_dim)
+        cond = text_condition(self.net, self.text_encoder, list(prompts), pooled)
+        n, side = len(prompts), size or (self.image_size, self.image_size)
+        ids = size_crop_ids(n, side, torch.tensor([list(original_size or side)] * n),
+                            torch.tensor([list(crop_top_left)] * n))
+        sizes = size_crop_embedding(ids, self.size_embedding).to(self.device)
+        return cond.replace(vector=sizes if cond.vector is None else torch.cat([cond.vector, sizes], dim=1))
 
-    def latent_shape(self, n: int) -> tuple[int, ...]:
-        side = self.image_size // (self.first_stage.downsample_factor if self.first_stage else 1)
-        return (n, self.net["denoiser"].in_channels, side, side)
+    def latent_shape(self, n: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """The shape sampled for ``n`` images of ``height`` x ``width`` pixels (default: the trained square)."""
+        factor = self.first_stage.downsample_factor if self.first_stage else 1
+        stride = factor * self.net["denoiser"].downsample_factor
+        height, width = height or self.image_size, width or self.image_size
+        if height % stride or width % stride:
+            raise ValueError(f"height and width must be multiples of {stride} (the VAE's {factor} x the UNet's "
+                             f"{stride // factor}), got {height}x{width}")
+        return (n, self.net["denoiser"].in_channels, height // factor, width // factor)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], settings: SamplerSettings | None = None, seed: int = 0,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W). `noise` (the x_T latents) overrides the seed."""
+                 noise: torch.Tensor | None = None, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] = (0, 0), height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W): ``height`` x ``width`` (default: the trained square). `noise` (the x_T
+        latents) overrides the seed. ``original_size`` and ``crop_top_left``: the micro-conditioning asked for (a
+        size-conditioned UNet only; by default an uncropped image of the size drawn)."""
         settings = settings or SamplerSettings()
-        cond = self.condition(prompts)
+        shape = self.latent_shape(len(prompts), height, width)
+        cond = self.condition(prompts, original_size, crop_top_left,
+                              (height or self.image_size, width or self.image_size))
         uncond = self.net["cond_dropout"].null_like(cond) if self.net["cond_dropout"].p else None
         gen = torch.Generator().manual_seed(seed)
-        x = sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, self.latent_shape(len(prompts)),
+        x = sample(self.net["denoiser"], self.alphas_cumprod, self.prediction, shape,
                    cond, uncond, settings, generator=gen, noise=noise)
         return self.first_stage.decode(x) if self.first_stage is not None else x.clamp(-1, 1)

@@ -27,6 +27,7 @@ from torch import nn
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.lowres import downsample
 from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
+from t2i.conditioning.size_crop import size_crop_embedding, size_crop_ids, takes_pooled
 from t2i.conditioning.text_encoding import clip_text_condition, text_condition
 from t2i.diffusion.seeded_random import randint
 
@@ -37,29 +38,49 @@ def _frozen(text_encoder: nn.Module, what: str) -> None:
 
 
 class Text:
+    """``size_embedding``: the width per number of SDXL's size/crop micro-conditioning (`t2i.conditioning.size_crop`,
+    256 in SDXL; 0: none), appended to the conditioning vector after the pooled text embedding. A batch may hold
+    ``original_size`` and ``crop_top_left`` (B, 2); without them the image is taken as uncropped at its size."""
+
+    def __init__(self, size_embedding: int = 0):
+        self.size_embedding, self.pooled, self.image_size = int(size_embedding), None, 0
+
     def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int) -> None:
         if text_encoder is None:
             raise ValueError("a text-to-image stage needs model.text_encoder")
         vector_dim = getattr(denoiser, "vector_dim", None)
-        if vector_dim and vector_dim != text_encoder.pooled_dim:
+        if self.size_embedding:
+            self.pooled = takes_pooled(vector_dim, self.size_embedding, text_encoder.pooled_dim)
+        elif vector_dim and vector_dim != text_encoder.pooled_dim:
             raise ValueError(f"incompatible input: the text encoder's pooled embedding is {text_encoder.pooled_dim}-d, "
                              f"the UNet's vector_dim is {vector_dim}")
+        self.image_size = image_size
 
     def __call__(self, batch: dict, x0: torch.Tensor, net: nn.ModuleDict,
                  text_encoder: nn.Module | None) -> tuple[torch.Tensor, Cond]:
-        return x0, text_cond(batch, net, text_encoder, x0.device)
+        cond = text_cond(batch, net, text_encoder, x0.device, self.pooled)
+        if not self.size_embedding:
+            return x0, cond
+        ids = size_crop_ids(len(x0), (self.image_size, self.image_size), batch.get("original_size"),
+                            batch.get("crop_top_left"), device=x0.device)
+        sizes = size_crop_embedding(ids, self.size_embedding)
+        return x0, cond.replace(vector=sizes if cond.vector is None else torch.cat([cond.vector, sizes], dim=1))
 
 
-def text_cond(batch: dict, net: nn.ModuleDict, text_encoder: nn.Module | None, device: torch.device) -> Cond:
-    """Captions -> text Cond, or the frozen encoder's states precomputed into the batch (data_prep/encode_text.py)."""
+def text_cond(batch: dict, net: nn.ModuleDict, text_encoder: nn.Module | None, device: torch.device,
+              pooled: bool | None = None) -> Cond:
+    """Captions -> text Cond, or the frozen encoder's states precomputed into the batch (data_prep/encode_text.py).
+    The pooled embedding is in the vector when ``pooled`` (by default: when the denoiser takes a vector)."""
+    if pooled is None:
+        pooled = bool(getattr(net["denoiser"], "vector_dim", None))
     if has_precomputed_text(batch):
         if text_encoder is None:
             raise ValueError("precomputed text states in the batch, but this stage has no frozen text encoder "
                              "(a trained one's states would be stale after the first step): drop them from "
                              "data.array_fields")
-        pooled_dim = text_encoder.pooled_dim if getattr(net["denoiser"], "vector_dim", None) else None
+        pooled_dim = text_encoder.pooled_dim if pooled else None
         return precomputed_text_condition(batch, text_encoder.width, pooled_dim).to(device)
-    return text_condition(net, text_encoder, batch["caption"])
+    return text_condition(net, text_encoder, batch["caption"], pooled)
 
 
 class ClipText:

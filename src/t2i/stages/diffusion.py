@@ -67,10 +67,6 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
             raise ValueError(f"model.ema_decay must be in [0, 1) (0 turns EMA off), got {ema_decay}")
         conditioner = conditioner if conditioner is not None else Text()
         trainable_text = text_encoder is not None and any(p.requires_grad for p in text_encoder.parameters())
-        if trainable_text and not getattr(denoiser, "vector_dim", None) and \
-                hasattr(text_encoder, "parameters_unused_without_pooled"):
-            for p in text_encoder.parameters_unused_without_pooled():  # no gradient would reach them (DDP error)
-                p.requires_grad_(False)
         parts = {"denoiser": denoiser, "cond_dropout": cond_dropout or CondDropout({})}
         if trainable_text:
             parts["text_encoder"] = text_encoder
@@ -78,6 +74,11 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
                       if m is not None})
         target.setup(denoiser, parts, image_size)
         conditioner.setup(denoiser, text_encoder, parts, image_size)
+        pooled = getattr(conditioner, "pooled", None)  # a vector of sizes alone leaves the pooled embedding out
+        pooled = bool(getattr(denoiser, "vector_dim", None)) if pooled is None else pooled
+        if trainable_text and not pooled and hasattr(text_encoder, "parameters_unused_without_pooled"):
+            for p in text_encoder.parameters_unused_without_pooled():  # no gradient would reach them (DDP error)
+                p.requires_grad_(False)
         width = getattr(text_encoder, "width", None)
         if text_encoder is not None and getattr(denoiser, "context_dim", None) not in (None, width):
             raise ValueError(f"incompatible input: the text encoder gives {width}-wide tokens, the UNet "

@@ -49,7 +49,8 @@ class PromptGrid(Preview):
     def pipeline(self, stage) -> TextToImagePipeline:
         return TextToImagePipeline(stage.inference_net, stage.frozen_text_encoder,
                                    getattr(stage.target, "first_stage", None), stage.objective.alphas_cumprod,
-                                   stage.objective.prediction, stage.image_size)
+                                   stage.objective.prediction, stage.image_size,
+                                   size_embedding=getattr(stage.conditioner, "size_embedding", 0))
 
     def draw(self, stage, reference: dict | None) -> tuple[torch.Tensor, int] | None:
         if not stage.sample_prompts:
