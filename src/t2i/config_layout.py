@@ -46,7 +46,7 @@ def upgrade_model_config(model: dict) -> dict:
         vae = old.pop("first_stage_export", None)
         target = ({"_target_": "t2i.stages.targets.Pixels"} if latents_from == "pixels" else
                   {"_target_": "t2i.stages.targets.VaeLatents", "export": vae, "precomputed": latents_from == "batch"})
-        conditioner, preview = {"_target_": "t2i.stages.conditioners.Text"}, "PromptGrid"
+        conditioner, preview = {"_target_": "t2i.stages.conditioners.Text", "size_embedding": 0}, "PromptGrid"
     else:
         target_name, conditioner_name, preview = OLD_STAGES[kind]
         old.pop("latents_from", None)
@@ -55,6 +55,8 @@ def upgrade_model_config(model: dict) -> dict:
         if target_name == "ClipImageEmbedding" and "scale_fit_samples" in old:
             target["fit_samples"] = old.pop("scale_fit_samples")
         conditioner = {"_target_": f"t2i.stages.conditioners.{conditioner_name}"}
+        if conditioner_name == "Text":  # no size/crop conditioning before it existed
+            conditioner["size_embedding"] = 0
         if conditioner_name == "LowRes":
             conditioner.update(low_res=old.pop("low_res"), crop_size=old.pop("crop_size", None))
     preview_node = {"_target_": f"t2i.stages.previews.{preview}"}

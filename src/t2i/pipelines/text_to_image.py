@@ -82,7 +82,7 @@ class TextToImagePipeline(StagePipeline):
     def latent_shape(self, n: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """The shape sampled for ``n`` images of ``height`` x ``width`` pixels (default: the trained square)."""
         factor = self.first_stage.downsample_factor if self.first_stage else 1
-        stride = factor * self.net["denoiser"].downsample_factor
+        stride = factor * getattr(self.net["denoiser"], "downsample_factor", 1)
         height, width = height or self.image_size, width or self.image_size
         if height % stride or width % stride:
             raise ValueError(f"height and width must be multiples of {stride} (the VAE's {factor} x the UNet's "
