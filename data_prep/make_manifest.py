@@ -5,7 +5,9 @@
 
 Samples are counted from the tar headers; with --trust-stats the "successes" of the
 ``<shard>_stats.json`` beside a shard is used where present (much faster on remote-mounted data, but
-such a shard is not checked for damage). Shards holding no samples are left out. The manifest goes into
+such a shard is not checked for damage). With --sizes each sample's image size is recorded too (from
+its json's width/height, as img2dataset writes them, else the image header; no pixels decoded), which
+aspect-ratio buckets are planned from. Shards holding no samples are left out. The manifest goes into
 the folder (or, for a glob, the common folder of the matches) unless --out says otherwise.
 
 A damaged shard (truncated or corrupt: a cut download, a full disk) does not stop the script: it is
@@ -23,7 +25,9 @@ import os
 import sys
 from pathlib import Path
 
+from t2i.data.decode import IMAGE_FIELDS, image_size_of
 from t2i.data.manifest import DataError, ShardInfo, scan_shard, stored_url, write_manifest
+from t2i.data.tar_reader import read_samples
 
 
 def find_shards(target: str) -> tuple[list[Path], Path]:
@@ -59,10 +63,17 @@ def report_damaged(damaged: list[dict]) -> None:
         print(f"damaged shard {d['url']}: {kept}; {d['problem']}", file=sys.stderr)
 
 
+def shard_sizes(url: str, n: int) -> tuple[tuple[int, int], ...]:
+    """(height, width) of the first `n` samples' images, from their json or image headers (no pixels decoded)."""
+    fields = frozenset(("json", *IMAGE_FIELDS))
+    return tuple(image_size_of(s.fields or {}) for s in read_samples(url, 0, n, fields))
+
+
 def make_manifest(target: str | Path, trust_stats: bool = False, out: str | Path | None = None,
-                  strict: bool = False) -> Path:
+                  strict: bool = False, sizes: bool = False) -> Path:
     """Count the shards' samples and write `manifest.json`; returns its path. A damaged shard keeps only
-    its readable samples and is listed under the manifest's "damaged" (SystemExit instead if `strict`)."""
+    its readable samples and is listed under the manifest's "damaged" (SystemExit instead if `strict`).
+    `sizes`: also record each sample's image size, for aspect-ratio buckets (reads every shard once)."""
     tars, folder = find_shards(str(target))
     folder = Path(out) if out else folder
     shards, by_stats, empty, damaged = [], 0, [], []
@@ -78,7 +89,7 @@ def make_manifest(target: str | Path, trust_stats: bool = False, out: str | Path
             if problem is None:
                 empty.append(tar.name)
             continue
-        shards.append(ShardInfo(str(tar), n))
+        shards.append(ShardInfo(str(tar), n, shard_sizes(str(tar), n) if sizes else None))
     report_damaged(damaged)
     if damaged and strict:
         names = ", ".join(d["url"] for d in damaged[:10]) + (" ..." if len(damaged) > 10 else "")
@@ -108,9 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="folder to write manifest.json into (default: the shards' folder)")
     ap.add_argument("--strict", action="store_true", help="fail on any damaged shard instead of keeping its "
                                                           "readable samples")
+    ap.add_argument("--sizes", action="store_true", help="record each sample's image size (from its json or "
+                                                         "image header) for aspect-ratio buckets")
     a = ap.parse_args(argv)
     try:
-        make_manifest(a.target, trust_stats=a.trust_stats, out=a.out, strict=a.strict)
+        make_manifest(a.target, trust_stats=a.trust_stats, out=a.out, strict=a.strict, sizes=a.sizes)
     except DataError as e:
         raise SystemExit(f"error: {e}") from e
 

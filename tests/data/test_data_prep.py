@@ -264,6 +264,37 @@ def test_make_manifest_trust_stats_and_glob(img2dataset_dir):
     assert raw["counted_by"] == {"stats": 1, "tar": 1}
 
 
+def test_make_manifest_records_image_sizes_without_decoding(tmp_path):
+    """--sizes: each sample's (height, width) from its json (img2dataset's width/height) or its image header; a
+    sample whose image cannot be read gets (0, 0); the sizes survive the manifest's round trip."""
+    def png(h: int, w: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    root = tmp_path / "sized"
+    root.mkdir()
+    samples = [("a", {"png": png(12, 40), "txt": b"wide, header"}),
+               ("b", {"png": png(30, 10), "txt": b"tall, json", "json": b'{"width": 100, "height": 300}'}),
+               ("c", {"jpg": b"\xff\xd8broken", "txt": b"no readable image"}),
+               ("d", {"png": png(8, 8), "txt": b"json without sizes", "json": b'{"caption": "x"}'})]
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    make_manifest.main([str(root), "--sizes"])
+    (shard,) = load_manifest(root).shards
+    assert shard.sizes == ((12, 40), (300, 100), (0, 0), (8, 8))
+    assert load_manifest(make_manifest.make_manifest(root)).shards[0].sizes is None  # only when asked
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["shards"][0]["sizes"] = [[12, 40]]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"lists 1 image sizes for 4 samples"):
+        load_manifest(root)
+
+
 def cut_shard(path: Path, where: str) -> None:
     """Cut a make_shard_set shard inside its sample 3: in its image's data, or in its caption's header."""
     with tarfile.open(path) as tar:

@@ -150,6 +150,30 @@ def decode_sample(fields: dict[str, bytes], cfg: DecodeConfig,
     return out
 
 
+def image_size_of(fields: dict[str, bytes], image_fields: tuple[str, ...] = IMAGE_FIELDS) -> tuple[int, int]:
+    """(height, width) of a sample's image without decoding its pixels: the ``width`` and ``height`` of its json
+    (img2dataset writes those of the stored image), else the image file's header; (0, 0) when it has no
+    readable image."""
+    raw = fields.get("json")
+    if raw is not None:
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+            h, w = meta.get("height"), meta.get("width")
+            if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+                return h, w
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            pass
+    name = next((f for f in image_fields if fields.get(f)), None)
+    if name is None:
+        return 0, 0
+    try:
+        with Image.open(io.BytesIO(fields[name])) as img:  # reads the header only
+            w, h = img.size
+    except Exception:  # PIL raises many types for bad bytes  # noqa: BLE001
+        return 0, 0
+    return h, w
+
+
 def fields_used(cfg: DecodeConfig) -> frozenset[str]:
     """The fields `decode_sample` looks at under `cfg`: the only ones the stream needs read."""
     caption = "json" if cfg.caption_field.startswith("json:") else cfg.caption_field

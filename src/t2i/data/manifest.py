@@ -31,6 +31,9 @@ class DataError(RuntimeError):
 class ShardInfo:
     url: str
     num_samples: int
+    # (height, width) of each sample's image in shard order, (0, 0) where it has none: what aspect-ratio
+    # buckets are planned from without reading the images (data_prep/make_manifest.py --sizes)
+    sizes: tuple[tuple[int, int], ...] | None = None
 
     @property
     def is_pipe(self) -> bool:
@@ -84,7 +87,13 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
         n = int(e["num_samples"])
         if n < 0:
             raise DataError(f"manifest {path}: negative num_samples for {e['url']}")
-        shards.append(ShardInfo(_resolve(e["url"], path.parent), n))
+        sizes = e.get("sizes")
+        if sizes is not None:
+            if len(sizes) != n or not all(isinstance(s, list) and len(s) == 2 for s in sizes):
+                raise DataError(f"manifest {path}: {e['url']} lists {len(sizes)} image sizes for {n} samples "
+                                f"(each [height, width]): rewrite it with data_prep/make_manifest.py --sizes")
+            sizes = tuple((int(h), int(w)) for h, w in sizes)
+        shards.append(ShardInfo(_resolve(e["url"], path.parent), n, sizes))
     manifest = Manifest(tuple(shards), source=str(path))
     if manifest.total == 0:
         raise DataError(f"manifest {path} lists {len(shards)} shard(s) holding no samples")
@@ -107,7 +116,8 @@ def stored_url(url: str, folder: str | Path) -> str:
 def write_manifest(folder: str | Path, shards: list[ShardInfo], **meta) -> Path:
     """Write `manifest.json` into `folder`; urls inside `folder` are stored relative to it."""
     folder = Path(folder)
-    entries = [{"url": stored_url(s.url, folder), "num_samples": s.num_samples} for s in shards]
+    entries = [{"url": stored_url(s.url, folder), "num_samples": s.num_samples,
+                **({"sizes": [list(hw) for hw in s.sizes]} if s.sizes is not None else {})} for s in shards]
     body = {**meta, "format": FORMAT, "total": sum(s.num_samples for s in shards), "shards": entries}
     out = folder / MANIFEST_NAME
     tmp = out.with_suffix(".json.tmp")
