@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning as L
 import torch
 
+from t2i.data.buckets import bucket_sizes
 from t2i.data.decode import IMAGE_FIELDS, DecodeConfig
 from t2i.data.loader import ResumableLoader
 from t2i.data.manifest import Manifest, load_manifest
 from t2i.data.plan import Layout
 from t2i.data.stream import ShardStream
+
+
+def bucket_list(buckets: dict | list | None) -> list[tuple[int, int]] | None:
+    """``data.buckets``: null (squares of ``resolution``), a list of [height, width], or the arguments of
+    `t2i.data.buckets.bucket_sizes` (``area``, ``multiple``, ``max_ratio``, ``min_fill``)."""
+    if buckets is None:
+        return None
+    if isinstance(buckets, Mapping):
+        return bucket_sizes(**buckets)
+    sizes = [tuple(int(v) for v in b) for b in buckets]
+    if not sizes or any(len(b) != 2 or min(b) <= 0 for b in sizes):
+        raise ValueError(f"data.buckets must list [height, width] pairs of positive sizes, got {buckets}")
+    return sizes
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -26,8 +42,9 @@ class ShardDataModule(L.LightningDataModule):
                  caption_required: bool = True, array_fields: tuple[str, ...] = (),
                  array_shapes: tuple | None = None, max_skip_fraction: float = 0.05,
                  min_samples_for_check: int = 1000, pin_memory: bool = False,
-                 max_pixels: int = 64_000_000):
+                 max_pixels: int = 64_000_000, buckets: dict | list | None = None):
         super().__init__()
+        self.buckets = bucket_list(buckets)
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if not 0.0 <= max_skip_fraction <= 1.0:
@@ -74,7 +91,7 @@ class ShardDataModule(L.LightningDataModule):
         layout = Layout(world_size=world, rank=rank, num_workers=max(1, workers),
                         batch_size=self.batch_size if train else self.val_batch_size, drop_last=train,
                         shuffle=train, shuffle_window=self.shuffle_window, seed=self.seed)
-        stream = ShardStream(manifest, layout, self.decode_train if train else self.decode_val)
+        stream = ShardStream(manifest, layout, self.decode_train if train else self.decode_val, self.buckets)
         return ResumableLoader(stream, workers, self.pin_memory, max_skip_fraction=self.max_skip_fraction,
                                min_samples_for_check=self.min_samples_for_check,
                                name="train" if train else "val")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from t2i.data.buckets import cover_and_crop
+
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 # NUL and the other C0/C1 control characters (Unicode category Cc, all below U+0100) are not text: a
@@ -57,7 +59,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+def _open_image(data: bytes, cfg: DecodeConfig, cover: tuple[int, int]) -> Image.Image:
+    """The RGB image, decoded at a reduced JPEG scale where that still covers ``cover`` (height, width)."""
     if not data:
         raise BadSample("empty image file")
     try:
@@ -65,9 +68,11 @@ def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator |
         w, h = img.size
         if w * h > cfg.max_pixels:
             raise BadSample(f"image exceeds max_pixels ({w}x{h} > {cfg.max_pixels})")
-        side = cfg.resolution
         if img.format == "JPEG":  # decode at a reduced scale when the image is much larger
-            img.draft("RGB", (max(side, w * side // min(w, h)), max(side, h * side // min(w, h))))
+            ch, cw = cover
+            by_height = ch * w >= cw * h  # the height binds: scale ch / h (integer maths, exact)
+            size = (w * ch // h, ch) if by_height else (cw, h * cw // w)
+            img.draft("RGB", (max(cw, size[0]), max(ch, size[1])))
         img.load()
     except BadSample:
         raise
@@ -75,7 +80,12 @@ def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator |
         raise BadSample(f"image exceeds PIL's decompression-bomb limit ({e})") from None
     except Exception as e:  # PIL raises many types for bad bytes  # noqa: BLE001
         raise BadSample(f"undecodable image ({type(e).__name__}: {e})") from None
-    img = _to_rgb(img)
+    return _to_rgb(img)
+
+
+def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator | None = None) -> torch.Tensor:
+    side = cfg.resolution
+    img = _open_image(data, cfg, (side, side))
     w, h = img.size
     scale = side / min(w, h)
     nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
@@ -88,6 +98,21 @@ def decode_image(data: bytes, cfg: DecodeConfig, crop_rng: np.random.Generator |
     if (nw, nh) != (side, side):
         img = img.crop((left, top, left + side, top + side))
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_image_to(data: bytes, cfg: DecodeConfig, bucket: tuple[int, int],
+                    offset: tuple[float, float] | None = None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """(image (3, height, width) of ``bucket``, the image's own (height, width), the (top, left) of the crop kept
+    on the resized image): resized to cover the bucket, aspect ratio kept, and cropped; ``offset`` (u, v) in
+    [0, 1] places the crop (random draws in training), None centres it."""
+    img = _open_image(data, cfg, bucket)
+    original = (img.size[1], img.size[0])
+    (rh, rw), (top, left) = cover_and_crop(*original, bucket, offset)
+    if (rw, rh) != img.size:
+        img = img.resize((rw, rh), Image.BICUBIC, reducing_gap=3.0 if rh < img.size[1] / 2 else None)
+    if (rh, rw) != bucket:
+        img = img.crop((left, top, left + bucket[1], top + bucket[0]))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), original, (top, left)
 
 
 def decode_caption(fields: dict[str, bytes], cfg: DecodeConfig) -> str:
@@ -134,13 +159,21 @@ def decode_array(data: bytes, name: str, expected: tuple[int, ...] | None) -> to
 
 
 def decode_sample(fields: dict[str, bytes], cfg: DecodeConfig,
-                  crop_rng: np.random.Generator | None = None) -> dict:
+                  crop_rng: np.random.Generator | None = None, bucket: tuple[int, int] | None = None) -> dict:
+    """The sample's tensors. With a ``bucket`` (height, width) the image is resized and cropped to it (the crop
+    placed by ``crop_rng``, else centred) and ``original_size`` and ``crop_top_left`` say how, for SDXL's
+    micro-conditioning; else it is the square of side ``cfg.resolution``."""
     out: dict = {}
     if cfg.resolution > 0:
         name = next((f for f in cfg.image_fields if f in fields), None)
         if name is None:
             raise BadSample(f"no image field (looked for {', '.join(cfg.image_fields)})")
-        out["image"] = decode_image(fields[name], cfg, crop_rng)
+        if bucket is None:
+            out["image"] = decode_image(fields[name], cfg, crop_rng)
+        else:
+            offset = tuple(crop_rng.random(2)) if crop_rng is not None else None
+            out["image"], original, crop = decode_image_to(fields[name], cfg, bucket, offset)
+            out["original_size"], out["crop_top_left"] = torch.tensor(original), torch.tensor(crop)
     out["caption"] = decode_caption(fields, cfg)
     shapes = cfg.array_shapes or (None,) * len(cfg.array_fields)
     for name, shape in zip(cfg.array_fields, shapes):

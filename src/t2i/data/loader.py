@@ -106,8 +106,11 @@ class ResumableLoader:
 
     def _layout_key(self) -> dict:
         lay = self.stream.layout
-        return {"world_size": lay.world_size, "num_workers": lay.num_workers,
-                "batch_size": lay.batch_size, "seed": lay.seed, "total": self.stream.total}
+        key = {"world_size": lay.world_size, "num_workers": lay.num_workers,
+               "batch_size": lay.batch_size, "seed": lay.seed, "total": self.stream.total}
+        if self.stream.buckets:  # another bucket set is another plan
+            key["buckets"] = [list(b) for b in self.stream.buckets]
+        return key
 
     def state_dict(self) -> dict:
         epoch, batch = self._epoch, self._delivered

@@ -1,7 +1,8 @@
 """`ShardStream`: the IterableDataset that yields whole, collated batches following the epoch plan.
 
 Each batch is a dict: ``image`` (uint8, B x 3 x H x W), ``caption`` (list of str), ``key``, one tensor per
-derived array field, and ``skipped``: a list of (shard url, sample key, reason) for the planned samples
+derived array field (with aspect-ratio buckets also ``original_size`` and ``crop_top_left``, B x 2: the image's
+own size and where its crop starts, for SDXL's micro-conditioning), and ``skipped``: a list of (shard url, sample key, reason) for the planned samples
 that could not be used (the batch is that much smaller; it is never refilled from elsewhere, so the
 stream stays a pure function of its position). `ResumableLoader` takes ``skipped`` out and counts it.
 """
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from t2i.data.bucket_plan import rank_batches, worker_batches
+from t2i.data.buckets import nearest_bucket
 from t2i.data.decode import BadSample, DecodeConfig, decode_sample, fields_used
-from t2i.data.manifest import Manifest
+from t2i.data.manifest import DataError, Manifest
 from t2i.data.plan import (
     Layout,
     consumed_by_worker,
@@ -31,11 +34,13 @@ from t2i.data.tar_reader import RawSample, read_samples
 
 
 def collate(samples: list[dict], sources: list[tuple[str, str]], skipped: list[tuple[str, str, str]],
-            resolution: int) -> dict:
+            resolution: int, image_shape: tuple[int, int] | None = None) -> dict:
+    """One batch; ``image_shape``: (height, width) of a bucket's images (default: the ``resolution`` square)."""
     batch: dict = {"key": [key for _, key in sources], "caption": [s["caption"] for s in samples], "skipped": skipped}
     if resolution > 0:
+        shape = image_shape or (resolution, resolution)
         batch["image"] = (torch.stack([s["image"] for s in samples]) if samples
-                          else torch.empty(0, 3, resolution, resolution, dtype=torch.uint8))
+                          else torch.empty(0, 3, *shape, dtype=torch.uint8))
     names = [k for k in (samples[0] if samples else {}) if k not in ("image", "caption")]
     for name in names:
         batch[name] = torch.stack([s[name] for s in samples])
@@ -43,7 +48,13 @@ def collate(samples: list[dict], sources: list[tuple[str, str]], skipped: list[t
 
 
 class ShardStream(IterableDataset):
-    def __init__(self, manifest: Manifest, layout: Layout, decode: DecodeConfig):
+    """``buckets``: (height, width) sizes of aspect-ratio buckets (`t2i.data.buckets`). With them every batch holds
+    samples of one bucket (`t2i.data.bucket_plan`), each sample read on its own from its shard; the manifest must
+    record each sample's image size (data_prep/make_manifest.py --sizes). Without them: squares of
+    ``decode.resolution``, read in order with a shuffle window (`t2i.data.plan`)."""
+
+    def __init__(self, manifest: Manifest, layout: Layout, decode: DecodeConfig,
+                 buckets: list[tuple[int, int]] | None = None):
         super().__init__()
         self.urls = [s.url for s in manifest.shards]
         self.counts = [s.num_samples for s in manifest.shards]
@@ -53,9 +64,24 @@ class ShardStream(IterableDataset):
         self.fields = fields_used(decode)  # members of other fields are passed over unread (an unused image)
         self.epoch = 0
         self.start_batch = 0
+        self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
+        self.bucket_ids: list[np.ndarray] = []
+        if self.buckets:
+            unsized = [s.url for s in manifest.shards if s.sizes is None]
+            if unsized:
+                raise DataError(f"data.buckets needs each sample's image size in the manifest {manifest.source}, "
+                                f"which has none for {len(unsized)} shard(s) ({unsized[0]}, ...): rewrite it with "
+                                f"data_prep/make_manifest.py --sizes")
+            square = nearest_bucket(1, 1, self.buckets)  # an image of unknown size: planned, then skipped
+            self.bucket_ids = [np.array([nearest_bucket(h, w, self.buckets) if h > 0 and w > 0 else square
+                                         for h, w in s.sizes], dtype=np.int64) for s in manifest.shards]
+        self._len: int | None = None
 
     def __len__(self) -> int:
-        return num_batches(self.total, self.layout)
+        if self._len is None:  # the same every epoch: each bucket's count does not depend on the order
+            self._len = (len(rank_batches(np.concatenate(self.bucket_ids), self.layout, 0)) if self.buckets
+                         else num_batches(self.total, self.layout))
+        return self._len
 
     def set_position(self, epoch: int, batches_consumed: int) -> None:
         """Where the next `iter()` starts: `batches_consumed` batches into `epoch` (set before iter)."""
@@ -81,6 +107,9 @@ class ShardStream(IterableDataset):
                                    for i, a, b in segments(counts, start, stop))
 
     def _worker_batches(self, worker: int) -> Iterator[dict]:
+        if self.buckets:
+            yield from self._bucket_batches(worker)
+            return
         layout, epoch = self.layout, self.epoch
         plan = worker_plan(self.total, layout, worker)
         done = consumed_by_worker(self.start_batch, layout.num_workers, worker)
@@ -113,6 +142,31 @@ class ShardStream(IterableDataset):
                     samples, keys, skipped = self._consistent(samples, keys, skipped)
                     yield collate(samples, keys, skipped, self.decode.resolution)
                     batch_no, samples, keys, skipped = batch_no + 1, [], [], []
+
+    def _bucket_batches(self, worker: int) -> Iterator[dict]:
+        layout, epoch = self.layout, self.epoch
+        order = shard_order(len(self.urls), layout, epoch)
+        ids = np.concatenate([self.bucket_ids[i] for i in order])
+        starts = np.cumsum([0] + [self.counts[i] for i in order])
+        done = consumed_by_worker(self.start_batch, layout.num_workers, worker)
+        for batch in worker_batches(ids, layout, epoch, worker)[done:]:
+            bucket = self.buckets[batch.bucket]
+            samples, keys, skipped = [], [], []
+            for pos in batch.positions:
+                k = int(np.searchsorted(starts, pos, side="right")) - 1
+                index = pos - int(starts[k])
+                (item,) = read_samples(self.urls[order[k]], index, index + 1, self.fields)
+                if item.error:
+                    skipped.append((item.url, item.key or f"#{item.index}", item.error))
+                    continue
+                crop_rng = seeded_rng(layout.seed, epoch, pos, 0xC0) if self.decode.crop == "random" else None
+                try:
+                    samples.append(decode_sample(item.fields, self.decode, crop_rng, bucket))
+                    keys.append((item.url, item.key))
+                except BadSample as e:
+                    skipped.append((item.url, item.key, str(e)))
+            samples, keys, skipped = self._consistent(samples, keys, skipped)
+            yield collate(samples, keys, skipped, self.decode.resolution, bucket)
 
     @staticmethod
     def _consistent(samples: list[dict], keys: list[tuple[str, str]], skipped: list) -> tuple[list, list, list]:
