@@ -119,10 +119,15 @@ def test_loader_workers_deliver_the_in_process_order(tmp_path):
     assert with_workers == [b["caption"] for b in one.loader(one.train_data, train=True, rank=0, world=1)]
 
 
-def test_buckets_need_sizes_in_the_manifest(tmp_path):
+def test_buckets_need_sizes_in_the_manifest_and_local_shards(tmp_path):
     folder = sized_shards(tmp_path / "d", [8], sizes=False)
     with pytest.raises(DataError, match=r"needs each sample's image size.*make_manifest.py --sizes"):
         stream(folder)
+    piped = sized_shards(tmp_path / "p", [8])
+    shard = load_manifest(piped).shards[0]
+    write_manifest(piped, [ShardInfo(f"pipe:cat {shard.url}", shard.num_samples, shard.sizes)])
+    with pytest.raises(DataError, match=r"pipe: shard\(s\) .* streamed again for every sample"):
+        stream(piped)
 
 
 def test_a_tiny_ldm_trains_on_buckets_with_size_conditioning(tmp_path, tiny_vae_export):

@@ -72,6 +72,11 @@ class ShardStream(IterableDataset):
                 raise DataError(f"data.buckets needs each sample's image size in the manifest {manifest.source}, "
                                 f"which has none for {len(unsized)} shard(s) ({unsized[0]}, ...): rewrite it with "
                                 f"data_prep/make_manifest.py --sizes")
+            piped = [s.url for s in manifest.shards if s.is_pipe]
+            if piped:
+                raise DataError(f"data.buckets reads each sample on its own, out of order, but {manifest.source} "
+                                f"lists {len(piped)} pipe: shard(s) ({piped[0]}, ...), which would be streamed "
+                                f"again for every sample: copy them to local disk, or train without buckets")
             square = nearest_bucket(1, 1, self.buckets)  # an image of unknown size: planned, then skipped
             self.bucket_ids = [np.array([nearest_bucket(h, w, self.buckets) if h > 0 and w > 0 else square
                                          for h, w in s.sizes], dtype=np.int64) for s in manifest.shards]
