@@ -135,3 +135,26 @@ def test_the_stream_reads_only_the_fields_it_decodes():
     assert fields_used(DecodeConfig()) == {"jpg", "jpeg", "png", "webp", "txt"}
     assert fields_used(DecodeConfig(resolution=0, array_fields=("latent.npy",))) == {"txt", "latent.npy"}
     assert fields_used(DecodeConfig(resolution=0, caption_field="json:caption")) == {"json"}
+
+
+@pytest.mark.parametrize("kind", ["local", "pipe", "gzip", "pax global header"])
+def test_one_sample_out_of_order_is_that_sample_of_a_whole_read(tmp_path, kind):
+    """What the bucketed stream reads: any sample alone, in any order; a local plain tar by seeking to where its
+    samples start (one header walk, kept until the file changes), the others as `read_samples` reads them."""
+    items = shard_items()
+    path = tmp_path / "a.tar"
+    write(path, items, **({"fmt": tarfile.PAX_FORMAT, "pax_headers": {"comment": "x"}}
+                          if kind == "pax global header" else {}))
+    if kind == "gzip":
+        path = tmp_path / "a.tar.gz"
+        path.write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    url = f"pipe:cat {path}" if kind == "pipe" else str(path)
+    whole = list(read_samples(url, 0, N))
+    offsets = tar_reader.sample_offsets(url)
+    assert (offsets is not None) == (kind == "local")
+    for i in [5, 0, 8, 3, 3, 7]:
+        assert rows([tar_reader.read_sample(url, i)]) == rows(whole[i:i + 1])
+    assert tar_reader.read_sample(url, N).error == tar_reader.SHORT_SHARD  # past the end: counted, not raised
+    if kind == "local":
+        write(path, items[:4])  # the shard rewritten: its offsets are walked again
+        assert len(tar_reader.sample_offsets(url)) == 3 and tar_reader.read_sample(url, 5).error

@@ -30,7 +30,7 @@ from t2i.data.plan import (
     window_permutation,
     worker_plan,
 )
-from t2i.data.tar_reader import RawSample, read_samples
+from t2i.data.tar_reader import RawSample, read_sample, read_samples
 
 
 def collate(samples: list[dict], sources: list[tuple[str, str]], skipped: list[tuple[str, str, str]],
@@ -160,7 +160,7 @@ class ShardStream(IterableDataset):
             for pos in batch.positions:
                 k = int(np.searchsorted(starts, pos, side="right")) - 1
                 index = pos - int(starts[k])
-                (item,) = read_samples(self.urls[order[k]], index, index + 1, self.fields)
+                item = read_sample(self.urls[order[k]], index, self.fields)
                 if item.error:
                     skipped.append((item.url, item.key or f"#{item.index}", item.error))
                     continue

@@ -18,11 +18,14 @@ which sees each name before the data is read.
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from webdataset.gopen import Pipe, gopen
 from webdataset.tariterators import tar_file_iterator
 
@@ -132,6 +135,47 @@ def _seek_sample(f, first: int) -> int | BaseException | None:
     return None
 
 
+def sample_offsets(url: str) -> np.ndarray | None:
+    """Where each sample of a local shard starts (the byte offset of its first member's header), from one walk
+    over the headers, kept per process for the 128 shards used last (and walked again when the file changes): a
+    reader that takes samples out of order (aspect-ratio buckets) then seeks to each in one step instead of
+    walking the headers before it every time. None where seeking cannot be trusted (a pipe, a compressed tar,
+    global pax headers) or the tar breaks."""
+    if url.startswith("pipe:"):
+        return None
+    try:
+        stat = os.stat(url)
+    except OSError:
+        return None
+    return _sample_offsets(url, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=128)
+def _sample_offsets(url: str, mtime_ns: int, size: int) -> np.ndarray | None:
+    offsets, key = [], None
+    try:
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, _ = sample_key(member.name)
+                if not k.startswith("_") and k != key:
+                    offsets.append(member.offset)
+                    key = k
+            if tar.pax_headers:
+                return None
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def read_sample(url: str, index: int, fields: frozenset[str] | None = None) -> RawSample:
+    """Sample `index` of the shard at `url` alone, seeking straight to it where `sample_offsets` knows where it
+    starts (else as `read_samples` does)."""
+    (sample,) = read_samples(url, index, index + 1, fields, offsets=sample_offsets(url))
+    return sample
+
+
 def _reason(e: BaseException) -> str:
     text = str(e).split(" @ ")[0]  # webdataset appends " @ <stream>" to the message
     return f"unreadable tar data ({type(e).__name__}: {text})"
@@ -140,9 +184,11 @@ def _reason(e: BaseException) -> str:
 SHORT_SHARD = "shard holds fewer samples than its manifest says"
 
 
-def read_samples(url: str, first: int, last: int, fields: frozenset[str] | None = None) -> Iterator[RawSample]:
+def read_samples(url: str, first: int, last: int, fields: frozenset[str] | None = None,
+                 offsets: np.ndarray | None = None) -> Iterator[RawSample]:
     """Yield samples first..last-1 of the shard at `url` (exactly last-first items). With `fields`, only
-    members of those fields are read (e.g. no image when none is decoded); the others are passed over."""
+    members of those fields are read (e.g. no image when none is decoded); the others are passed over.
+    `offsets` (`sample_offsets` of a local shard) lets it seek to sample `first` without walking the headers."""
     if first >= last:
         return
     try:
@@ -154,7 +200,10 @@ def read_samples(url: str, first: int, last: int, fields: frozenset[str] | None 
     try:
         start = 0
         if not isinstance(stream, Pipe):
-            if first > 0:
+            if first > 0 and offsets is not None and first < len(offsets):
+                stream.seek(int(offsets[first]))
+                start = first
+            elif first > 0:
                 there = _seek_sample(stream, first)
                 if not isinstance(there, int):
                     reason = SHORT_SHARD if there is None else _reason(there)
