@@ -9,6 +9,12 @@ the hand-written tarfile reader it replaced (kept here only for this comparison)
 process: raw reading of whole shards, entering each shard at its last sample (a resume or a worker's range
 starting mid-shard), and the datamodule with each reader plugged in.
 
+``--buckets`` instead compares the bucketed stream (``data.buckets``: every sample read on its own from its
+shard, out of order) with the square stream (shards read in order with a shuffle window) over the same shards and
+images, interleaved batch by batch in one process, 0 workers: what reading out of order costs. The shards' sizes
+are read into a manifest copy in a temp folder first (as data_prep/make_manifest.py --sizes does); the bucket
+set is the one square of --resolution, so both decode the same pixels.
+
 ``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
@@ -144,10 +150,11 @@ def _next_with(reader: Reader, batches: Iterator[dict]) -> int:
         t2i.data.stream.read_samples = saved
 
 
-def _interleave(steps: Iterator[dict[str, Callable[[], int]]]) -> dict[str, list[tuple[int, float]]]:
-    """Run each step's calls (one per reader, the order alternating from step to step), timing each:
-    both readers see the same moments of a busy machine."""
-    out: dict[str, list[tuple[int, float]]] = {name: [] for name in READERS}
+def _interleave(steps: Iterator[dict[str, Callable[[], int]]],
+                names: tuple[str, ...] = tuple(READERS)) -> dict[str, list[tuple[int, float]]]:
+    """Run each step's calls (one per contender, the order alternating from step to step), timing each:
+    both see the same moments of a busy machine."""
+    out: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     for i, calls in enumerate(steps):
         for name in (list(calls) if i % 2 == 0 else list(calls)[::-1]):
             start = time.perf_counter()
@@ -206,6 +213,46 @@ def compare_readers(args, shards: list[tuple[str, int]]) -> dict:
     return figures
 
 
+def compare_buckets(args, manifest_path: str) -> dict:
+    """Bucketed against square stream, batch by batch interleaved; the ratio is the median over passes of
+    --samples of the passes' time ratios (above 1: the bucketed stream is slower)."""
+    import tempfile
+
+    from t2i.data.decode import IMAGE_FIELDS, image_size_of
+    from t2i.data.manifest import ShardInfo, write_manifest
+
+    manifest = load_manifest(manifest_path)
+    fields = frozenset(("json", *IMAGE_FIELDS))
+    sized = [ShardInfo(s.url, s.num_samples, tuple(image_size_of(r.fields) for r in read_samples(
+        s.url, 0, s.num_samples, fields))) for s in manifest.shards if s.num_samples]
+    figures = {}
+    per_pass, names = max(1, args.samples // args.batch), ("bucketed stream", "square stream")
+
+    def steps(sized_manifest: str, res: int):
+        for _ in range(args.repeats):
+            its = {name: iter(ShardDataModule(sized_manifest if name == names[0] else manifest_path,
+                                              batch_size=args.batch, num_workers=0, resolution=res,
+                                              shuffle_window=2000, buckets=[[res, res]] if name == names[0] else None
+                                              ).train_dataloader(rank=0, world=1)) for name in names}
+            for _ in range(per_pass):
+                yield {name: (lambda it=its[name]: len(next(it)["key"])) for name in names}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_manifest(tmp, sized)
+        for res in args.resolution:
+            got = _interleave(steps(tmp, res), names)
+            rate = {name: sum(n for n, _ in runs) / sum(t for _, t in runs) for name, runs in got.items()}
+            blocks = {name: [sum(t for _, t in runs[i:i + per_pass]) for i in range(0, len(runs), per_pass)]
+                      for name, runs in got.items()}
+            ratio = statistics.median(tb / ts for tb, ts in zip(blocks[names[0]], blocks[names[1]]))
+            print(f"{res}px, 0 workers: bucketed {rate[names[0]]:8.0f} samples/s   square {rate[names[1]]:8.0f} "
+                  f"samples/s   time ratio bucketed / square {ratio:.2f} (median of {args.repeats} passes)")
+            for name in names:
+                figures[f"{res}px, 0 workers: {name}"] = {"value": rate[name], "unit": "samples/s"}
+            figures[f"{res}px, 0 workers: time, bucketed / square"] = {"value": ratio, "unit": "x"}
+    return figures
+
+
 def vae_images_per_s(batch: int = 64, resolution: int = 32, steps: int = 20) -> tuple[float, float]:
     from t2i.nn.autoencoder import AutoencoderKL
     model = AutoencoderKL(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
@@ -237,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--readers", action="store_true", help="compare t2i's webdataset reader with the "
                    "hand-written one it replaced, in-process (only that; --workers is not used)")
+    p.add_argument("--buckets", action="store_true", help="compare the bucketed stream with the square stream "
+                   "over the same shards, in-process (only that)")
     p.add_argument("--vae-batch", type=int, default=64, help="tiny-VAE training batch")
     p.add_argument("--vae-steps", type=int, default=20, help="timed tiny-VAE training steps (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
@@ -247,6 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     urls = [s.url for s in manifest.shards]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"shards: {args.shards} ({manifest.total} samples)")
+    if args.buckets:
+        figures = compare_buckets(args, args.shards)
+        if args.json:
+            from report_record import write_record
+            shards = "/".join(Path(args.shards).resolve().parts[-2:])
+            write_record(args.json, "data_throughput", f"buckets, {shards}, batch {args.batch}", args, figures,
+                         script=__file__, argv=argv)
+        return
     if args.readers:
         figures = compare_readers(args, [(s.url, s.num_samples) for s in manifest.shards if s.num_samples])
         if args.json:
