@@ -172,3 +172,16 @@ def test_train_throughput_record(tmp_path):
     assert figs["ddp: MFU"]["value"] is None and figs["ddp: precision"]["value"] == "32-true"
     assert figs["deepspeed_stage_2: images/s"]["value"] is None
     assert "needs CUDA" in figs["deepspeed_stage_2: images/s"]["note"]
+
+
+def test_data_throughput_compares_the_bucketed_and_square_streams(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from t2i_testing import make_shard_set
+    shards = make_shard_set(tmp_path / "shards", [20, 20], image_size=16).parent
+    _load("data_throughput").main(["--shards", str(shards), "--buckets", "--samples", "16", "--batch", "4",
+                                   "--resolution", "16", "--repeats", "2", "--json", str(tmp_path / "out")])
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    figures = record["figures"]
+    assert record["variant"].startswith("buckets, ") and figures["16px, 0 workers: bucketed stream"]["value"] > 0
+    assert figures["16px, 0 workers: square stream"]["value"] > 0
+    assert figures["16px, 0 workers: time, bucketed / square"]["value"] > 0
