@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from t2i.conditioning.cond import Cond
 from t2i.nn.embeddings import timestep_embedding
 
 BATCH_KEYS = ("original_size", "crop_top_left")  # (B, 2) each, (h, w) and (top, left), from the data stream
@@ -37,6 +38,12 @@ def size_crop_embedding(ids: torch.Tensor, dim: int) -> torch.Tensor:
     if ids.ndim != 2 or ids.shape[1] != NUMBERS:
         raise ValueError(f"size/crop ids of shape {tuple(ids.shape)}, expected (B, {NUMBERS})")
     return timestep_embedding(ids.flatten(), dim).reshape(ids.shape[0], NUMBERS * dim)
+
+
+def with_size_crop(cond: Cond, ids: torch.Tensor, dim: int) -> Cond:
+    """``cond`` with the size/crop embedding of ``ids`` appended to its vector (or as its vector)."""
+    sizes = size_crop_embedding(ids, dim).to(ids.device if cond.vector is None else cond.vector.device)
+    return cond.replace(vector=sizes if cond.vector is None else torch.cat([cond.vector, sizes], dim=1))
 
 
 def takes_pooled(vector_dim: int | None, size_dim: int, pooled_dim: int | None) -> bool:

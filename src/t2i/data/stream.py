@@ -132,17 +132,7 @@ class ShardStream(IterableDataset):
                 pos = lo + j
                 if pos < skip:
                     continue
-                item = items[src]
-                if item.error:
-                    skipped.append((item.url, item.key or f"#{item.index}", item.error))
-                else:
-                    crop_rng = (seeded_rng(layout.seed, epoch, plan.start + lo + src, 0xC0)
-                                if self.decode.crop == "random" else None)
-                    try:
-                        samples.append(decode_sample(item.fields, self.decode, crop_rng))
-                        keys.append((item.url, item.key))
-                    except BadSample as e:
-                        skipped.append((item.url, item.key, str(e)))
+                self._take(items[src], plan.start + lo + src, samples, keys, skipped)
                 if pos + 1 == bounds[batch_no + 1]:
                     samples, keys, skipped = self._consistent(samples, keys, skipped)
                     yield collate(samples, keys, skipped, self.decode.resolution)
@@ -160,18 +150,23 @@ class ShardStream(IterableDataset):
             for pos in batch.positions:
                 k = int(np.searchsorted(starts, pos, side="right")) - 1
                 index = pos - int(starts[k])
-                item = read_sample(self.urls[order[k]], index, self.fields)
-                if item.error:
-                    skipped.append((item.url, item.key or f"#{item.index}", item.error))
-                    continue
-                crop_rng = seeded_rng(layout.seed, epoch, pos, 0xC0) if self.decode.crop == "random" else None
-                try:
-                    samples.append(decode_sample(item.fields, self.decode, crop_rng, bucket))
-                    keys.append((item.url, item.key))
-                except BadSample as e:
-                    skipped.append((item.url, item.key, str(e)))
+                self._take(read_sample(self.urls[order[k]], index, self.fields), pos, samples, keys, skipped, bucket)
             samples, keys, skipped = self._consistent(samples, keys, skipped)
             yield collate(samples, keys, skipped, self.decode.resolution, bucket)
+
+    def _take(self, item: RawSample, position: int, samples: list, keys: list, skipped: list,
+              bucket: tuple[int, int] | None = None) -> None:
+        """Decode `item` (the epoch's sample at `position`, which seeds its random crop) into `samples` and
+        `keys`, or count it in `skipped` with the reason."""
+        if item.error:
+            skipped.append((item.url, item.key or f"#{item.index}", item.error))
+            return
+        crop_rng = seeded_rng(self.layout.seed, self.epoch, position, 0xC0) if self.decode.crop == "random" else None
+        try:
+            samples.append(decode_sample(item.fields, self.decode, crop_rng, bucket))
+            keys.append((item.url, item.key))
+        except BadSample as e:
+            skipped.append((item.url, item.key, str(e)))
 
     @staticmethod
     def _consistent(samples: list[dict], keys: list[tuple[str, str]], skipped: list) -> tuple[list, list, list]:

@@ -115,15 +115,8 @@ def _seek_sample(f, first: int) -> int | BaseException | None:
     except (tarfile.TarError, OSError, EOFError):
         f.seek(0)  # compressed, or broken at the very start: webdataset's reader says which
         return 0
-    seen, key = -1, None
     try:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _ = sample_key(member.name)
-            if k.startswith("_") or k == key:
-                continue
-            seen, key = seen + 1, k
+        for seen, member in _sample_starts(tar):
             if seen == first:
                 if tar.pax_headers:
                     f.seek(0)
@@ -133,6 +126,19 @@ def _seek_sample(f, first: int) -> int | BaseException | None:
     except (tarfile.TarError, OSError, EOFError) as e:
         return e
     return None
+
+
+def _sample_starts(tar: tarfile.TarFile) -> Iterator[tuple[int, tarfile.TarInfo]]:
+    """(index, first member) of each sample of `tar`, reading headers only."""
+    seen, key = -1, None
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, _ = sample_key(member.name)
+        if k.startswith("_") or k == key:
+            continue
+        seen, key = seen + 1, k
+        yield seen, member
 
 
 def sample_offsets(url: str) -> np.ndarray | None:
@@ -152,16 +158,9 @@ def sample_offsets(url: str) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=128)
 def _sample_offsets(url: str, mtime_ns: int, size: int) -> np.ndarray | None:
-    offsets, key = [], None
     try:
         with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, _ = sample_key(member.name)
-                if not k.startswith("_") and k != key:
-                    offsets.append(member.offset)
-                    key = k
+            offsets = [member.offset for _, member in _sample_starts(tar)]
             if tar.pax_headers:
                 return None
     except (tarfile.TarError, OSError, EOFError):

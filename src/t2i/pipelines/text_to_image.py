@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from t2i.conditioning.cond import Cond
-from t2i.conditioning.size_crop import size_crop_embedding, size_crop_ids, takes_pooled
+from t2i.conditioning.size_crop import size_crop_ids, takes_pooled, with_size_crop
 from t2i.conditioning.text_encoding import text_condition
 from t2i.exports import ExportError, read_export
 from t2i.pipelines.autoencoder import FrozenAutoencoder, load_autoencoder
@@ -75,9 +75,8 @@ class TextToImagePipeline(StagePipeline):
         cond = text_condition(self.net, self.text_encoder, list(prompts), pooled)
         n, side = len(prompts), size or (self.image_size, self.image_size)
         ids = size_crop_ids(n, side, torch.tensor([list(original_size or side)] * n),
-                            torch.tensor([list(crop_top_left)] * n))
-        sizes = size_crop_embedding(ids, self.size_embedding).to(self.device)
-        return cond.replace(vector=sizes if cond.vector is None else torch.cat([cond.vector, sizes], dim=1))
+                            torch.tensor([list(crop_top_left)] * n), device=self.device)
+        return with_size_crop(cond, ids, self.size_embedding)
 
     def latent_shape(self, n: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """The shape sampled for ``n`` images of ``height`` x ``width`` pixels (default: the trained square)."""

@@ -27,7 +27,7 @@ from torch import nn
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.lowres import downsample
 from t2i.conditioning.precomputed import has_precomputed_text, precomputed_text_condition
-from t2i.conditioning.size_crop import size_crop_embedding, size_crop_ids, takes_pooled
+from t2i.conditioning.size_crop import size_crop_ids, takes_pooled, with_size_crop
 from t2i.conditioning.text_encoding import clip_text_condition, text_condition
 from t2i.diffusion.seeded_random import randint
 
@@ -63,8 +63,7 @@ class Text:
             return x0, cond
         ids = size_crop_ids(len(x0), (self.image_size, self.image_size), batch.get("original_size"),
                             batch.get("crop_top_left"), device=x0.device)
-        sizes = size_crop_embedding(ids, self.size_embedding)
-        return x0, cond.replace(vector=sizes if cond.vector is None else torch.cat([cond.vector, sizes], dim=1))
+        return x0, with_size_crop(cond, ids, self.size_embedding)
 
 
 def text_cond(batch: dict, net: nn.ModuleDict, text_encoder: nn.Module | None, device: torch.device,
