@@ -156,3 +156,15 @@ def test_sigkill_while_saving_never_loses_the_checkpoint(tmp_path):
         in_flight += (tmp_path / "last.ckpt.tmp").exists()
         step = step_of(chosen)
     assert in_flight >= 1, "no kill landed during a save"
+
+
+def test_a_zero_checkpoint_resumes_only_on_the_ranks_that_wrote_it(tmp_path):
+    from t2i.checkpointing import CheckpointError
+    from t2i.cli.train import check_zero_world_size
+    folder = write_zero_dir(tmp_path / "last.ckpt", 3)  # two ranks' partitions
+    check_zero_world_size(str(folder), 2)
+    with pytest.raises(CheckpointError, match="partitioned over 2 ranks and this run has 3"):
+        check_zero_world_size(str(folder), 3)
+    plain = tmp_path / "plain.ckpt"
+    plain.write_bytes(b"x")
+    check_zero_world_size(str(plain), 5)  # a single-file checkpoint resumes on any number of ranks

@@ -151,7 +151,7 @@ def test_a_run_cannot_resume_with_another_bucket_set(tmp_path):
 
     state = loader({"area": 1024, "multiple": 16}).state_dict()
     assert state["layout"]["buckets"] == [list(b) for b in BUCKETS]
-    with pytest.raises(DataError, match="the layout changed"):
+    with pytest.raises(DataError, match="samples or their order changed"):
         loader([[32, 32]]).load_state_dict(state)
     with pytest.raises(ValueError, match=r"\[height, width\] pairs"):
         loader([[32]])

@@ -80,13 +80,15 @@ def test_loader_state_round_trip_continues_the_next_epoch(shard_set):
     assert [b["key"] for b in fresh] != whole  # epoch 1 follows, in another order
 
 
-def test_resume_refuses_a_changed_layout(shard_set):
+@pytest.mark.parametrize("change", ["seed", "data"])
+def test_resume_refuses_another_seed_or_other_data(shard_set, change):
     from t2i.data.manifest import DataError
     manifest = shard_set([30, 30])
     dm = ShardDataModule(str(manifest), batch_size=4, num_workers=0, resolution=8)
     state = dm.train_dataloader(0, 1).state_dict()
-    other = ShardDataModule(str(manifest), batch_size=6, num_workers=0, resolution=8)
-    with pytest.raises(DataError, match="batch_size"):
+    other = ShardDataModule(str(manifest if change == "seed" else shard_set([30, 31], name="other")),
+                            batch_size=4, num_workers=0, resolution=8, seed=1 if change == "seed" else 0)
+    with pytest.raises(DataError, match="seed" if change == "seed" else "total"):
         other.train_dataloader(0, 1).load_state_dict(state)
 
 

@@ -71,8 +71,14 @@ class RngStateCallback(L.Callback):
             L.seed_everything(training_seed(self.seed, trainer.global_rank), workers=True, verbose=False)
             return
         rank = trainer.global_rank
-        if len(states) != trainer.world_size:
-            raise RuntimeError(f"checkpoint holds random states for {len(states)} ranks, "
-                               f"this run has {trainer.world_size}; exact resume needs the same world size")
-        _restore(states[rank])
         self._pending = None
+        if len(states) != trainer.world_size:  # an elastic resume: no rank's saved stream is its own any more
+            seed = int(np.random.SeedSequence([int(self.seed), int(rank), int(trainer.global_step), 0x656C])
+                       .generate_state(1)[0])
+            L.seed_everything(seed, workers=True, verbose=False)
+            if trainer.is_global_zero:
+                print(f"[t2i] checkpoint holds random states for {len(states)} ranks, this run has "
+                      f"{trainer.world_size}: each rank draws from a fresh seed of (seed, rank, step "
+                      f"{trainer.global_step}); the run continues, but not bitwise as it would have", flush=True)
+            return
+        _restore(states[rank])

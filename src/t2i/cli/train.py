@@ -67,6 +67,20 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     return ckpt_path
 
 
+def check_zero_world_size(ckpt_path: str, world_size: int) -> None:
+    """A DeepSpeed ZeRO checkpoint folder holds its model and optimizer states partitioned over the ranks that
+    wrote it. t2i resumes it on as many ranks only (DDP and single-device checkpoints resume on any number: the
+    data stream spreads the rest of the epoch over the new ranks)."""
+    folder = Path(ckpt_path) / "checkpoint"
+    if not folder.is_dir():
+        return
+    saved = len(list(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
+    if saved and saved != world_size:
+        raise CheckpointError(f"cannot resume from {ckpt_path}: it is a DeepSpeed ZeRO checkpoint partitioned over "
+                              f"{saved} ranks and this run has {world_size}. Resume it on {saved} ranks, or "
+                              f"consolidate it with DeepSpeed's zero_to_fp32.py and start a run from the weights")
+
+
 def _float_metrics(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))
             and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
@@ -132,6 +146,7 @@ def train(cfg: DictConfig) -> TrainResult:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if ckpt:  # a damaged checkpoint or one of another stage fails here too: the run folder stays as it was
         check_stage_tag(ckpt, model)
+        check_zero_world_size(ckpt, trainer.world_size)
     if trainer.is_global_zero:
         (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True),
                                                          sort_keys=False), encoding="utf-8")

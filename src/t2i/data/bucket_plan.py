@@ -60,3 +60,12 @@ def worker_batches(bucket_ids: np.ndarray, layout: Layout, epoch: int, worker: i
     """The batches that loader ``worker`` of this rank produces (its rank's batches ``worker``,
     ``worker + num_workers``, ...)."""
     return rank_batches(bucket_ids, layout, epoch)[worker::layout.num_workers]
+
+
+def delivered_positions(bucket_ids: np.ndarray, layout: Layout, epoch: int, batches_consumed: int) -> np.ndarray:
+    """Positions of the samples all ranks had been handed after ``batches_consumed`` training batches each (the
+    epoch's first ``batches_consumed`` global batches): what an elastic resume must not repeat."""
+    if not layout.drop_last:
+        raise ValueError("only a training plan (equal batches on every rank) has a resumable position")
+    batches = global_batches(bucket_ids, layout, epoch)[:batches_consumed]
+    return np.sort(np.array([p for g in batches for p in g.positions], dtype=np.int64))

@@ -99,10 +99,21 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self, rank: int | None = None, world: int | None = None) -> ResumableLoader:
         self.setup("fit")
         self.train_loader = self.loader(self.train_data, True, rank, world)
+        if self.trainer is not None:
+            self.train_loader.on_relayout = self._move_epoch_position
         if len(self.train_loader) == 0:
             raise ValueError(f"{self.train_manifest_path}: {self.train_data.total} samples make no full "
                              f"global batch of {self.batch_size} x {self._rank_world()[1]} ranks")
         return self.train_loader
+
+    def _move_epoch_position(self, shift: int) -> None:
+        """After an elastic resume the loader's position in the epoch moved by `shift` batches (the rest of the
+        epoch, planned over the new layout, has another number of batches); move the trainer's count with it, so
+        that the epoch ends where the loader's does. Called while Lightning restores the loader, before its
+        epoch loop derives the restart position from these counters, all of which move together."""
+        current = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        for name in ("ready", "started", "processed", "completed"):
+            setattr(current, name, max(0, getattr(current, name) + shift))
 
     def val_dataloader(self, rank: int | None = None, world: int | None = None):
         self.setup("validate")

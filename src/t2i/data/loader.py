@@ -5,18 +5,34 @@ Lightning saves the state of any train loader with `state_dict`/`load_state_dict
 and restores it before iterating again. Because the loader has a length, Lightning does not prefetch
 ahead of the training step, so "batches handed out" equals "batches trained" whenever a checkpoint is
 written.
+
+Elastic resume: a run resumed with another world size, number of loader workers, per-device batch size or
+shuffle window continues the same epoch. The samples the earlier layout had delivered are worked out from the
+plan (a pure function), and the rest of the epoch is planned anew over the new layout: none repeated, fewer than
+one new global batch left out. The epoch keeps the new layout's length; the loader's position becomes that
+length minus the rest's batches, and ``on_relayout(shift)`` moves the trainer's batch count by as much. Only a
+changed dataset, seed or bucket set cannot continue and is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import PurePosixPath
 
 import torch
 from torch.utils.data import DataLoader
 
 from t2i.data.manifest import DataError
+from t2i.data.plan import Layout
 from t2i.data.stream import ShardStream
+
+log = logging.getLogger("t2i.data")
+
+PLAN_KEYS = ("world_size", "num_workers", "batch_size", "shuffle_window")  # may change on resume
 
 
 @dataclass
@@ -73,8 +89,13 @@ class ResumableLoader:
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_check = min_samples_for_check
         self.stats = SkipStats()
+        self.on_relayout: Callable[[int], None] | None = None  # told how far an elastic resume moved the position
         self._next = (0, 0)  # (epoch, batch) where the next iter() starts
         self._epoch, self._delivered = 0, 0
+        # this epoch's earlier parts under other layouts ((layout key, batches), oldest first), and the batch
+        # index where the current part began
+        self._legs: list[dict] = []
+        self._leg_start = 0
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -82,10 +103,12 @@ class ResumableLoader:
     def __iter__(self):
         epoch, start = self._next
         self._next = (epoch + 1, 0)
+        if epoch != self._epoch:  # an epoch's earlier parts belong to it alone
+            self._legs, self._leg_start = [], 0
         self._epoch, self._delivered = epoch, start
-        self.stream.set_position(epoch, start)
         if start >= len(self.stream):
             return
+        self.stream.set_position(epoch, start - self._leg_start, self._earlier())
         # an own generator: creating the iterator must not draw from the global RNG (exact resume)
         seed = self.stream.layout.seed * 1_000_003 + epoch
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
@@ -105,26 +128,56 @@ class ResumableLoader:
                             f"max_skip_fraction={self.max_skip_fraction}. {s.report()}")
 
     def _layout_key(self) -> dict:
-        lay = self.stream.layout
-        key = {"world_size": lay.world_size, "num_workers": lay.num_workers,
-               "batch_size": lay.batch_size, "seed": lay.seed, "total": self.stream.total}
-        if self.stream.buckets:  # another bucket set is another plan
-            key["buckets"] = [list(b) for b in self.stream.buckets]
+        """The plan's inputs: `PLAN_KEYS` may differ on resume (elastic), the others may not."""
+        lay, stream = self.stream.layout, self.stream
+        digest = hashlib.sha256(repr([(PurePosixPath(u).name, n) for u, n in zip(stream.urls, stream.counts)])
+                                .encode()).hexdigest()[:16]  # shard names and sizes: the folder may move
+        key = {"world_size": lay.world_size, "num_workers": lay.num_workers, "batch_size": lay.batch_size,
+               "shuffle_window": lay.shuffle_window, "seed": lay.seed, "total": stream.total, "shards": digest}
+        if stream.buckets:  # another bucket set is another plan
+            key["buckets"] = [list(b) for b in stream.buckets]
         return key
 
+    def _earlier(self) -> tuple[tuple[Layout, int], ...]:
+        lay = self.stream.layout
+        return tuple((replace(lay, rank=0, **{k: int(leg["layout"].get(k, getattr(lay, k))) for k in PLAN_KEYS}),
+                      int(leg["batches"])) for leg in self._legs)
+
     def state_dict(self) -> dict:
-        epoch, batch = self._epoch, self._delivered
+        epoch, batch, legs, leg_start = self._epoch, self._delivered, self._legs, self._leg_start
         if batch >= len(self):
-            epoch, batch = epoch + 1, 0
-        return {"epoch": epoch, "batch": batch, "layout": self._layout_key(), "stats": self.stats.state_dict()}
+            epoch, batch, legs, leg_start = epoch + 1, 0, [], 0
+        return {"epoch": epoch, "batch": batch, "layout": self._layout_key(), "legs": [dict(g) for g in legs],
+                "leg_start": leg_start, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         saved, now = state["layout"], self._layout_key()
-        if saved != now:
-            diff = {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
-            raise DataError(f"cannot resume the {self.name} data stream exactly: the layout changed "
-                            f"(saved, now): {diff}. Resume with the same world size, batch size, "
-                            f"num_workers, seed and data, or start a fresh run from the weights.")
-        self._next = (int(state["epoch"]), int(state["batch"]))
+        fixed = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+                 if k not in PLAN_KEYS and saved.get(k) != now.get(k)
+                 and (k in saved or k not in ("shards", "shuffle_window"))}  # older checkpoints lack these two
+        if fixed:
+            raise DataError(f"cannot continue the {self.name} data stream's epoch: its samples or their order "
+                            f"changed (saved, now): {fixed}. A run resumes with the same data, seed and "
+                            f"buckets (world size, workers and batch size may change); for other data start "
+                            f"a fresh run from the weights.")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        legs, leg_start = [dict(g) for g in state.get("legs", [])], int(state.get("leg_start", 0))
+        changed = {k: (saved[k], now[k]) for k in PLAN_KEYS if k in saved and saved[k] != now[k]}
+        if changed and (batch or legs):  # mid-epoch under another layout: plan the rest of the epoch anew
+            legs.append({"layout": {k: saved[k] for k in PLAN_KEYS if k in saved}, "batches": batch - leg_start})
+            self._legs = legs
+            self.stream.set_position(epoch, 0, self._earlier())
+            rest = self.stream.leg_batches()
+            leg_start = len(self) - rest
+            message = (f"{self.name} data: resuming epoch {epoch} with another layout {changed} (saved, now): "
+                       f"{self.stream.total - len(self.stream.remainder)} samples were delivered, the other "
+                       f"{len(self.stream.remainder)} make this rank's {rest} remaining batches (at batch "
+                       f"{leg_start} of {len(self)})")
+            log.warning(message)
+            if self.on_relayout is not None:
+                self.on_relayout(leg_start - batch)
+            batch = leg_start
+        self._next = (epoch, batch)
         self._epoch, self._delivered = self._next
+        self._legs, self._leg_start = legs, leg_start
         self.stats.load_state_dict(state["stats"])

@@ -12,7 +12,7 @@ worker's range (the shuffle buffer of WebDataset, made reproducible). Everything
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -114,3 +114,22 @@ def window_permutation(length: int, layout: Layout, epoch: int, worker: int, win
 def consumed_by_worker(batches_consumed: int, num_workers: int, worker: int) -> int:
     """How many of its own batches `worker` had delivered when the rank had delivered `batches_consumed`."""
     return len(range(worker, batches_consumed, num_workers))
+
+
+def delivered_positions(total: int, layout: Layout, epoch: int, batches_consumed: int) -> np.ndarray:
+    """Positions (into the epoch's virtual sequence of ``total``) of the samples that all ranks together had been
+    handed when each had delivered ``batches_consumed`` training batches: what an elastic resume must not repeat."""
+    if not layout.drop_last:
+        raise ValueError("only a training plan (equal batches on every rank) has a resumable position")
+    taken = []
+    for rank in range(layout.world_size):
+        lay = replace(layout, rank=rank)
+        for worker in range(lay.num_workers):
+            plan = worker_plan(total, lay, worker)
+            emitted = sum(plan.batch_sizes[:consumed_by_worker(batches_consumed, lay.num_workers, worker)])
+            window = lay.shuffle_window
+            for win in range(-(-emitted // window)):
+                lo = win * window
+                perm = window_permutation(min(window, plan.num_samples - lo), lay, epoch, worker, win)
+                taken.append(plan.start + lo + perm[:emitted - lo])
+    return np.sort(np.concatenate(taken)) if taken else np.zeros(0, dtype=np.int64)

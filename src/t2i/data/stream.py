@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from t2i.data import bucket_plan
+from t2i.data import plan as square_plan
 from t2i.data.bucket_plan import rank_batches, worker_batches
 from t2i.data.buckets import nearest_bucket
 from t2i.data.decode import BadSample, DecodeConfig, decode_sample, fields_used
@@ -64,6 +66,7 @@ class ShardStream(IterableDataset):
         self.fields = fields_used(decode)  # members of other fields are passed over unread (an unused image)
         self.epoch = 0
         self.start_batch = 0
+        self.remainder: np.ndarray | None = None  # after an elastic resume: the epoch positions not yet delivered
         self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
         self.bucket_ids: list[np.ndarray] = []
         if self.buckets:
@@ -81,6 +84,7 @@ class ShardStream(IterableDataset):
             self.bucket_ids = [np.array([nearest_bucket(h, w, self.buckets) if h > 0 and w > 0 else square
                                          for h, w in s.sizes], dtype=np.int64) for s in manifest.shards]
         self._len: int | None = None
+        self._leg_len: int | None = None
 
     def __len__(self) -> int:
         if self._len is None:  # the same every epoch: each bucket's count does not depend on the order
@@ -88,11 +92,45 @@ class ShardStream(IterableDataset):
                          else num_batches(self.total, self.layout))
         return self._len
 
-    def set_position(self, epoch: int, batches_consumed: int) -> None:
-        """Where the next `iter()` starts: `batches_consumed` batches into `epoch` (set before iter)."""
-        if not 0 <= batches_consumed <= len(self):
-            raise ValueError(f"position {batches_consumed} outside the epoch's {len(self)} batches")
-        self.epoch, self.start_batch = epoch, batches_consumed
+    def set_position(self, epoch: int, batches_consumed: int,
+                     earlier: tuple[tuple[Layout, int], ...] = ()) -> None:
+        """Where the next `iter()` starts: `batches_consumed` batches into `epoch` (set before iter).
+
+        ``earlier``: after an elastic resume, the (layout, batches delivered) of each earlier part of this epoch,
+        oldest first, run under another world size, worker count or batch size. This stream then plans only the
+        samples those parts had not delivered (`remainder`), with its own layout, and ``batches_consumed`` counts
+        batches of that plan (`leg_batches` of them)."""
+        self.epoch, self.remainder = epoch, (self.undelivered(epoch, earlier) if earlier else None)
+        self._leg_len = None
+        if not 0 <= batches_consumed <= self.leg_batches():
+            raise ValueError(f"position {batches_consumed} outside the epoch's {self.leg_batches()} batches")
+        self.start_batch = batches_consumed
+
+    def _epoch_bucket_ids(self, epoch: int) -> np.ndarray:
+        return np.concatenate([self.bucket_ids[i] for i in shard_order(len(self.urls), self.layout, epoch)])
+
+    def undelivered(self, epoch: int, earlier: tuple[tuple[Layout, int], ...]) -> np.ndarray:
+        """Positions of `epoch` that the parts ``earlier`` ((layout, batches delivered), oldest first) left for
+        the rest of the epoch; each part planned the samples its predecessors left, as this stream does."""
+        rest = np.arange(self.total, dtype=np.int64)
+        ids = self._epoch_bucket_ids(epoch) if self.buckets else None
+        for layout, batches in earlier:
+            if (layout.seed, layout.shuffle) != (self.layout.seed, self.layout.shuffle):
+                raise ValueError("an earlier part of the epoch must share the stream's seed and shuffling")
+            taken = (bucket_plan.delivered_positions(ids[rest], layout, epoch, batches) if self.buckets
+                     else square_plan.delivered_positions(len(rest), layout, epoch, batches))
+            rest = np.delete(rest, taken)
+        return rest
+
+    def leg_batches(self) -> int:
+        """Batches of this rank from the current position's part of the epoch: `len` unless resumed elastically."""
+        if self.remainder is None:
+            return len(self)
+        if self._leg_len is None:
+            self._leg_len = (len(rank_batches(self._epoch_bucket_ids(self.epoch)[self.remainder], self.layout,
+                                              self.epoch)) if self.buckets
+                             else num_batches(len(self.remainder), self.layout))
+        return self._leg_len
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -107,16 +145,27 @@ class ShardStream(IterableDataset):
         return self._worker_batches((info.id + self.start_batch) % w)
 
     def _raw(self, order: np.ndarray, start: int, stop: int) -> Iterator[RawSample]:
+        """The samples at plan indices [start, stop): epoch positions, or indices into `remainder`."""
         counts = [self.counts[i] for i in order]
+        if self.remainder is None:
+            runs = [(start, stop)]
+        else:  # the rest of an elastically resumed epoch: contiguous runs of positions, each read in order
+            part = self.remainder[start:stop]
+            cuts = np.flatnonzero(np.diff(part) != 1) + 1
+            runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(part, cuts) if len(r)]
         return chain.from_iterable(read_samples(self.urls[order[i]], a, b, self.fields)
-                                   for i, a, b in segments(counts, start, stop))
+                                   for lo, hi in runs for i, a, b in segments(counts, lo, hi))
+
+    def _position(self, index: int) -> int:
+        """The epoch position of plan index `index`."""
+        return index if self.remainder is None else int(self.remainder[index])
 
     def _worker_batches(self, worker: int) -> Iterator[dict]:
         if self.buckets:
             yield from self._bucket_batches(worker)
             return
         layout, epoch = self.layout, self.epoch
-        plan = worker_plan(self.total, layout, worker)
+        plan = worker_plan(self.total if self.remainder is None else len(self.remainder), layout, worker)
         done = consumed_by_worker(self.start_batch, layout.num_workers, worker)
         bounds = np.cumsum((0,) + plan.batch_sizes)  # emission positions where batches start
         skip = int(bounds[done])
@@ -132,7 +181,7 @@ class ShardStream(IterableDataset):
                 pos = lo + j
                 if pos < skip:
                     continue
-                self._take(items[src], plan.start + lo + src, samples, keys, skipped)
+                self._take(items[src], self._position(plan.start + lo + src), samples, keys, skipped)
                 if pos + 1 == bounds[batch_no + 1]:
                     samples, keys, skipped = self._consistent(samples, keys, skipped)
                     yield collate(samples, keys, skipped, self.decode.resolution)
@@ -141,13 +190,16 @@ class ShardStream(IterableDataset):
     def _bucket_batches(self, worker: int) -> Iterator[dict]:
         layout, epoch = self.layout, self.epoch
         order = shard_order(len(self.urls), layout, epoch)
-        ids = np.concatenate([self.bucket_ids[i] for i in order])
+        ids = self._epoch_bucket_ids(epoch)
+        if self.remainder is not None:
+            ids = ids[self.remainder]
         starts = np.cumsum([0] + [self.counts[i] for i in order])
         done = consumed_by_worker(self.start_batch, layout.num_workers, worker)
         for batch in worker_batches(ids, layout, epoch, worker)[done:]:
             bucket = self.buckets[batch.bucket]
             samples, keys, skipped = [], [], []
-            for pos in batch.positions:
+            for index in batch.positions:
+                pos = self._position(index)
                 k = int(np.searchsorted(starts, pos, side="right")) - 1
                 index = pos - int(starts[k])
                 self._take(read_sample(self.urls[order[k]], index, self.fields), pos, samples, keys, skipped, bucket)
