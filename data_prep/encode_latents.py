@@ -6,6 +6,12 @@ atomically, so an interrupted run resumes where it stopped (finished shards are 
         --out data/shapes_latents/train --resolution 32 [--batch 256] [--device cpu]
 
 Train the LDM on them with ``data.array_fields=[latent.npy]`` and ``model.target.precomputed=true``.
+
+For aspect-ratio buckets (`t2i.data.buckets`) give ``--bucket-area`` (and ``--bucket-multiple``): each image is
+centre-cropped to its nearest bucket, its latent takes the bucket's shape, and ``original_size.npy`` and
+``crop_top_left.npy`` record the crop. Train with the same buckets and the three arrays:
+``data.buckets={area: A, multiple: M} data.resolution=0
+data.array_fields=[latent.npy,original_size.npy,crop_top_left.npy] model.target.precomputed=true``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2i.data.buckets import bucket_sizes
 from t2i.data.decode import DecodeConfig
 from t2i.data.derived import derive_shards
 from t2i.pipelines.autoencoder import load_autoencoder
@@ -38,10 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, required=True, help="image side the VAE was trained at")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bucket-area", type=int, default=None,
+                   help="pixel area of aspect-ratio buckets (e.g. 65536 for 256x256); default: squares")
+    p.add_argument("--bucket-multiple", type=int, default=64,
+                   help="bucket sides are multiples of this (the VAE's factor x the UNet's downsampling)")
     args = p.parse_args(argv)
+    buckets = bucket_sizes(args.bucket_area, args.bucket_multiple) if args.bucket_area else None
     vae = load_autoencoder(args.vae).to(args.device)
     cfg = DecodeConfig(resolution=args.resolution, caption_required=False)
-    derive_shards(args.shards, args.out, latent_fn(vae, args.device), cfg, args.batch,
+    derive_shards(args.shards, args.out, latent_fn(vae, args.device), cfg, args.batch, buckets=buckets,
                   vae=str(Path(args.vae).resolve()), latent_field="latent.npy")
 
 

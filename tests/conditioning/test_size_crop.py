@@ -85,3 +85,22 @@ def test_the_diffusers_export_says_how_to_feed_the_sizes(small_shapes, tiny_vae_
     result = export_diffusers(export, tmp_path / "diffusers", text_encoder="skip", verify=False)
     assert any("size/crop micro-conditioning (8 features per number" in w and "text_time" in w
                for w in result.warnings)
+
+
+@pytest.mark.parametrize("pixel_scale", [1, 4])
+def test_the_target_size_is_the_batch_bucket_not_the_square(monkeypatch, pixel_scale):
+    """A bucketed batch's target size is its own (x0's size times the target's pixels per position), so a 16x64
+    batch is told 16x64, not the stage's square image_size."""
+    from types import SimpleNamespace
+
+    from t2i.conditioning.cond import Cond
+    from t2i.stages import conditioners
+
+    text = conditioners.Text(size_embedding=8)
+    text.setup(SimpleNamespace(vector_dim=48), SimpleNamespace(pooled_dim=16), {}, 32, pixel_scale=pixel_scale)
+    monkeypatch.setattr(conditioners, "text_cond", lambda *a, **k: Cond(vector=torch.zeros(2, 0)))
+    x0 = torch.zeros(2, 4, 16 // pixel_scale, 64 // pixel_scale)
+    original, crop = torch.tensor([[20, 80], [30, 90]]), torch.tensor([[0, 3], [1, 0]])
+    _, cond = text({"original_size": original, "crop_top_left": crop}, x0, None, None)
+    want = size_crop_embedding(size_crop_ids(2, (16, 64), original, crop), 8)
+    torch.testing.assert_close(cond.vector, want)

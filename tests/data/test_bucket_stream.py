@@ -155,3 +155,22 @@ def test_a_run_cannot_resume_with_another_bucket_set(tmp_path):
         loader([[32, 32]]).load_state_dict(state)
     with pytest.raises(ValueError, match=r"\[height, width\] pairs"):
         loader([[32]])
+
+
+def test_real_data_defaults_to_buckets_of_the_resolution_area(tmp_path):
+    """data=webdataset trains on aspect-ratio buckets of about resolution^2 pixels unless data.buckets=null; shards
+    whose manifest lacks image sizes are refused with the command that adds them."""
+    from hydra.utils import instantiate
+
+    folder = sized_shards(tmp_path / "d", [30])
+    cfg = compose_config(["data=webdataset", f"data.train_manifest={folder}", "data.resolution=256",
+                          "data.num_workers=0", "data.batch_size=2"])
+    dm = instantiate(cfg.data)
+    assert dm.buckets == bucket_sizes(256 * 256, multiple=64) and (256, 256) in dm.buckets
+    assert len(dm.train_dataloader(0, 1)) > 0
+    unsized = sized_shards(tmp_path / "u", [30], sizes=False)
+    cfg.data.train_manifest = str(unsized)
+    with pytest.raises(DataError, match="make_manifest.py --sizes"):
+        instantiate(cfg.data).train_dataloader(0, 1)
+    cfg.data.buckets = None
+    assert instantiate(cfg.data).buckets is None

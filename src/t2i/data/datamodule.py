@@ -15,13 +15,20 @@ from t2i.data.plan import Layout
 from t2i.data.stream import ShardStream
 
 
-def bucket_list(buckets: dict | list | None) -> list[tuple[int, int]] | None:
+def bucket_list(buckets: dict | list | None, resolution: int = 0) -> list[tuple[int, int]] | None:
     """``data.buckets``: null (squares of ``resolution``), a list of [height, width], or the arguments of
-    `t2i.data.buckets.bucket_sizes` (``area``, ``multiple``, ``max_ratio``, ``min_fill``)."""
+    `t2i.data.buckets.bucket_sizes` (``area``, ``multiple``, ``max_ratio``, ``min_fill``); ``area`` defaults to
+    ``resolution`` squared."""
     if buckets is None:
         return None
     if isinstance(buckets, Mapping):
-        return bucket_sizes(**buckets)
+        args = dict(buckets)
+        if args.get("area") is None:
+            if resolution <= 0:
+                raise ValueError("data.buckets needs an area (e.g. {area: 65536, multiple: 64}) when "
+                                 "data.resolution is 0")
+            args["area"] = resolution * resolution
+        return bucket_sizes(**args)
     sizes = [tuple(int(v) for v in b) for b in buckets]
     if not sizes or any(len(b) != 2 or min(b) <= 0 for b in sizes):
         raise ValueError(f"data.buckets must list [height, width] pairs of positive sizes, got {buckets}")
@@ -44,7 +51,7 @@ class ShardDataModule(L.LightningDataModule):
                  min_samples_for_check: int = 1000, pin_memory: bool = False,
                  max_pixels: int = 64_000_000, buckets: dict | list | None = None):
         super().__init__()
-        self.buckets = bucket_list(buckets)
+        self.buckets = bucket_list(buckets, resolution)
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if not 0.0 <= max_skip_fraction <= 1.0:

@@ -6,6 +6,11 @@ renamed) with a ``<shard>.done.json`` beside it, so an interrupted run resumes w
 shards are skipped. Every original field of a kept sample is copied byte for byte; a sample whose image
 (or required caption) cannot be decoded is skipped and counted. The manifest records the provenance
 given as ``manifest_meta``.
+
+With aspect-ratio ``buckets`` every image is resized and centre-cropped to its nearest bucket (chosen from its
+size as the training stream chooses it, `t2i.data.buckets`), computed in batches of one bucket, and the sample
+gains ``original_size.npy`` and ``crop_top_left.npy`` (SDXL's micro-conditioning of that crop); the manifest
+records each sample's size and the bucket set, which training must then use.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i.data.decode import BadSample, DecodeConfig, decode_caption, decode_image
+from t2i.data.buckets import nearest_bucket
+from t2i.data.decode import (
+    BadSample,
+    DecodeConfig,
+    decode_caption,
+    decode_image,
+    decode_image_to,
+    image_size_of,
+)
 from t2i.data.manifest import ShardInfo, load_manifest, write_manifest
 from t2i.data.tar_reader import read_samples
 
@@ -45,20 +58,23 @@ def write_tar_atomic(path: Path, samples: list[tuple[str, dict[str, bytes]]]) ->
     tmp.replace(path)
 
 
-def derive_shard(url: str, n: int, compute: ComputeFn, cfg: DecodeConfig, batch: int, out: Path
-                 ) -> tuple[int, int]:
-    """Write `out` from the shard at `url` (n samples); returns (kept, skipped)."""
-    kept, skipped, pending = [], 0, []
+def derive_shard(url: str, n: int, compute: ComputeFn, cfg: DecodeConfig, batch: int, out: Path,
+                 buckets: list[tuple[int, int]] | None = None) -> tuple[int, int, list[tuple[int, int]]]:
+    """Write `out` from the shard at `url` (n samples); returns (kept, skipped, the kept images' sizes)."""
+    kept: dict[int, tuple[str, dict]] = {}  # by input order: batches of one bucket finish out of order
+    sizes: dict[int, tuple[int, int]] = {}
+    skipped, pending = 0, {}  # bucket (None: squares) -> [(index, key, fields, image, caption, extra arrays)]
 
-    def flush():
-        if not pending:
+    def flush(group):
+        rows = pending.pop(group, [])
+        if not rows:
             return
-        new = compute(torch.stack([img for _, _, img, _ in pending]), [cap for *_, cap in pending])
-        for i, (key, fields, _, _) in enumerate(pending):
-            kept.append((key, {**fields, **{name: npy_bytes(rows[i]) for name, rows in new.items()}}))
-        pending.clear()
+        new = compute(torch.stack([r[3] for r in rows]), [r[4] for r in rows])
+        for i, (index, key, fields, _, _, extra) in enumerate(rows):
+            arrays = {**{name: values[i] for name, values in new.items()}, **extra}
+            kept[index] = (key, {**fields, **{name: npy_bytes(a) for name, a in arrays.items()}})
 
-    for raw in read_samples(url, 0, n):
+    for index, raw in enumerate(read_samples(url, 0, n)):
         if raw.error:
             skipped += 1
             continue
@@ -66,21 +82,35 @@ def derive_shard(url: str, n: int, compute: ComputeFn, cfg: DecodeConfig, batch:
         try:
             if name is None:
                 raise BadSample("no image")
-            pending.append((raw.key, raw.fields, decode_image(raw.fields[name], cfg), decode_caption(raw.fields, cfg)))
+            caption = decode_caption(raw.fields, cfg)
+            if buckets is None:
+                group, image, extra = None, decode_image(raw.fields[name], cfg), {}
+            else:
+                size = image_size_of(raw.fields, cfg.image_fields)
+                group = nearest_bucket(*size, buckets) if min(size) > 0 else nearest_bucket(1, 1, buckets)
+                image, original, crop = decode_image_to(raw.fields[name], cfg, buckets[group])
+                extra = {"original_size.npy": np.array(original, dtype=np.int64),
+                         "crop_top_left.npy": np.array(crop, dtype=np.int64)}
+                sizes[index] = size if min(size) > 0 else original
         except BadSample:
             skipped += 1
             continue
-        if len(pending) == batch:
-            flush()
-    flush()
-    write_tar_atomic(out, kept)
-    return len(kept), skipped
+        pending.setdefault(group, []).append((index, raw.key, raw.fields, image, caption, extra))
+        if len(pending[group]) == batch:
+            flush(group)
+    for group in list(pending):
+        flush(group)
+    order = sorted(kept)
+    write_tar_atomic(out, [kept[i] for i in order])
+    return len(order), skipped, [sizes[i] for i in order] if buckets is not None else []
 
 
 def derive_shards(shards: str | Path, out: str | Path, compute: ComputeFn, cfg: DecodeConfig, batch: int,
-                  log: Callable[[str], None] = print, **manifest_meta) -> Path:
+                  log: Callable[[str], None] = print, buckets: list[tuple[int, int]] | None = None,
+                  **manifest_meta) -> Path:
     """Derive every shard of the manifest `shards` (manifest.json or its folder) into folder `out`; returns
-    the new manifest's path. Progress lines go to `log`."""
+    the new manifest's path. Progress lines go to `log`. ``buckets``: one image size per aspect-ratio bucket
+    instead of squares of ``cfg.resolution``."""
     manifest = load_manifest(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,17 +119,21 @@ def derive_shards(shards: str | Path, out: str | Path, compute: ComputeFn, cfg: 
         target = out / Path(shard.url).name
         done = out / (target.name + ".done.json")
         prefix = f"[{i + 1}/{len(manifest.shards)}] {target.name}:"
-        if target.is_file() and done.is_file():
-            count = json.loads(done.read_text())["kept"]
+        record = json.loads(done.read_text()) if target.is_file() and done.is_file() else None
+        if record is not None and (buckets is None) == ("sizes" not in record):
+            count, sizes = record["kept"], record.get("sizes")
             log(f"{prefix} done earlier ({count} samples)")
         else:
-            count, skipped = derive_shard(shard.url, shard.num_samples, compute, cfg, batch, target)
-            done.write_text(json.dumps({"kept": count, "skipped": skipped}))
+            count, skipped, sizes = derive_shard(shard.url, shard.num_samples, compute, cfg, batch, target, buckets)
+            done.write_text(json.dumps({"kept": count, "skipped": skipped,
+                                        **({"sizes": sizes} if buckets is not None else {})}))
             total_skipped += skipped
             log(f"{prefix} {count} samples, {skipped} skipped; {total + count} in all, "
                 f"{time.time() - start:.1f}s")
         total += count
-        infos.append(ShardInfo(str(target), count))
+        infos.append(ShardInfo(str(target), count, tuple(tuple(hw) for hw in sizes) if buckets is not None else None))
+    if buckets is not None:
+        manifest_meta["buckets"] = [list(b) for b in buckets]
     path = write_manifest(out, infos, source=str(manifest.source), **manifest_meta)
     log(f"{total} samples ({total_skipped} skipped in this run) in {time.time() - start:.1f}s; manifest: {path}")
     return path

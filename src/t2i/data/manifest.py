@@ -44,6 +44,9 @@ class ShardInfo:
 class Manifest:
     shards: tuple[ShardInfo, ...]
     source: str = ""
+    # the aspect-ratio buckets its derived arrays were computed for (data_prep/encode_latents.py --bucket-area):
+    # each sample's latent has its bucket's shape, so only that bucket set can batch them
+    buckets: tuple[tuple[int, int], ...] | None = None
 
     @property
     def total(self) -> int:
@@ -94,7 +97,10 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
                                 f"(each [height, width]): rewrite it with data_prep/make_manifest.py --sizes")
             sizes = tuple((int(h), int(w)) for h, w in sizes)
         shards.append(ShardInfo(_resolve(e["url"], path.parent), n, sizes))
-    manifest = Manifest(tuple(shards), source=str(path))
+    buckets = raw.get("buckets")
+    if buckets is not None:
+        buckets = tuple((int(h), int(w)) for h, w in buckets)
+    manifest = Manifest(tuple(shards), source=str(path), buckets=buckets)
     if manifest.total == 0:
         raise DataError(f"manifest {path} lists {len(shards)} shard(s) holding no samples")
     if check_files:

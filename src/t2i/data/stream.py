@@ -69,6 +69,10 @@ class ShardStream(IterableDataset):
         self.remainder: np.ndarray | None = None  # after an elastic resume: the epoch positions not yet delivered
         self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
         self.bucket_ids: list[np.ndarray] = []
+        if manifest.buckets and decode.array_fields and self.buckets != list(manifest.buckets):
+            raise DataError(f"the derived arrays of {manifest.source} were computed per aspect-ratio bucket, for "
+                            f"the buckets {[list(b) for b in manifest.buckets]}; set data.buckets to that list "
+                            f"(now: {self.buckets}) or derive them again for yours")
         if self.buckets:
             unsized = [s.url for s in manifest.shards if s.sizes is None]
             if unsized:

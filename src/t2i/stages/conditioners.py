@@ -43,9 +43,10 @@ class Text:
     ``original_size`` and ``crop_top_left`` (B, 2); without them the image is taken as uncropped at its size."""
 
     def __init__(self, size_embedding: int = 0):
-        self.size_embedding, self.pooled, self.image_size = int(size_embedding), None, 0
+        self.size_embedding, self.pooled, self.image_size, self.pixel_scale = int(size_embedding), None, 0, 1
 
-    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int) -> None:
+    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int,
+              pixel_scale: int = 1) -> None:
         if text_encoder is None:
             raise ValueError("a text-to-image stage needs model.text_encoder")
         vector_dim = getattr(denoiser, "vector_dim", None)
@@ -54,15 +55,17 @@ class Text:
         elif vector_dim and vector_dim != text_encoder.pooled_dim:
             raise ValueError(f"incompatible input: the text encoder's pooled embedding is {text_encoder.pooled_dim}-d, "
                              f"the UNet's vector_dim is {vector_dim}")
-        self.image_size = image_size
+        self.image_size, self.pixel_scale = image_size, pixel_scale
 
     def __call__(self, batch: dict, x0: torch.Tensor, net: nn.ModuleDict,
                  text_encoder: nn.Module | None) -> tuple[torch.Tensor, Cond]:
         cond = text_cond(batch, net, text_encoder, x0.device, self.pooled)
         if not self.size_embedding:
             return x0, cond
-        ids = size_crop_ids(len(x0), (self.image_size, self.image_size), batch.get("original_size"),
-                            batch.get("crop_top_left"), device=x0.device)
+        # the target size is the batch's own: an aspect-ratio bucket's pixels (x0's size times the target's scale)
+        size = ((x0.shape[-2] * self.pixel_scale, x0.shape[-1] * self.pixel_scale) if x0.ndim == 4
+                else (self.image_size, self.image_size))
+        ids = size_crop_ids(len(x0), size, batch.get("original_size"), batch.get("crop_top_left"), device=x0.device)
         return x0, with_size_crop(cond, ids, self.size_embedding)
 
 
@@ -83,7 +86,8 @@ def text_cond(batch: dict, net: nn.ModuleDict, text_encoder: nn.Module | None, d
 
 
 class ClipText:
-    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int) -> None:
+    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int,
+              pixel_scale: int = 1) -> None:
         if text_encoder is None:
             raise ValueError("the prior needs model.text_encoder (the CLIP export's frozen text tower)")
         _frozen(text_encoder, "the prior")
@@ -99,7 +103,8 @@ class ClipText:
 
 
 class ClipImage:
-    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int) -> None:
+    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int,
+              pixel_scale: int = 1) -> None:
         if text_encoder is not None:
             _frozen(text_encoder, "the decoder")
         if (text_encoder is None) != (not denoiser.text_width):
@@ -142,7 +147,8 @@ class LowRes:
         self.low_res, self.crop_size = int(low_res), crop_size
         self.image_size: int | None = None
 
-    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int) -> None:
+    def setup(self, denoiser: nn.Module, text_encoder: nn.Module | None, parts: dict, image_size: int,
+              pixel_scale: int = 1) -> None:
         if "degradation" not in parts:
             raise ValueError("a low-res conditioner needs model.degradation")
         if (text_encoder is None) != (denoiser.context_dim is None):

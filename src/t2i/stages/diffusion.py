@@ -73,7 +73,7 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
         parts.update({name: m for name, m in (("degradation", degradation), ("embedding_scale", embedding_scale))
                       if m is not None})
         target.setup(denoiser, parts, image_size)
-        conditioner.setup(denoiser, text_encoder, parts, image_size)
+        conditioner.setup(denoiser, text_encoder, parts, image_size, pixel_scale=getattr(target, "pixel_scale", 1))
         pooled = getattr(conditioner, "pooled", None)  # a vector of sizes alone leaves the pooled embedding out
         pooled = bool(getattr(denoiser, "vector_dim", None)) if pooled is None else pooled
         if trainable_text and not pooled and hasattr(text_encoder, "parameters_unused_without_pooled"):

@@ -23,6 +23,7 @@ from t2i.pipelines.autoencoder import load_autoencoder
 
 class Pixels(nn.Module):
     field = "image"
+    pixel_scale = 1  # image pixels per x0 position
 
     def setup(self, denoiser: nn.Module, parts: dict[str, nn.Module], image_size: int) -> None:
         pass
@@ -42,6 +43,7 @@ class VaeLatents(nn.Module):
         self.export, self.precomputed, self.image_size = str(export), bool(precomputed), 0
         self.first_stage = load_autoencoder(export)
         self.field = "latent" if precomputed else "image"
+        self.pixel_scale = self.first_stage.downsample_factor
 
     def setup(self, denoiser: nn.Module, parts: dict[str, nn.Module], image_size: int) -> None:
         if denoiser.in_channels != self.first_stage.latent_channels:
@@ -52,14 +54,17 @@ class VaeLatents(nn.Module):
 
     def x0(self, batch: dict, net: nn.ModuleDict) -> torch.Tensor:
         if self.precomputed:
-            return self.checked(batch["latent"]).float()
+            return self.checked(batch["latent"], bucketed="original_size" in batch).float()
         return self.first_stage.encode(batch["image"]).float()
 
-    def checked(self, latents: torch.Tensor) -> torch.Tensor:
+    def checked(self, latents: torch.Tensor, bucketed: bool = False) -> torch.Tensor:
         """Precomputed latents must be what this VAE makes at ``image_size`` (else they were written by another
-        VAE or at another resolution, and the UNet would fail or learn the wrong thing)."""
+        VAE or at another resolution, and the UNet would fail or learn the wrong thing). Latents of aspect-ratio
+        buckets (``bucketed``) vary in size; the stream checks that the shards were encoded for its bucket set."""
         vae, side = self.first_stage, self.image_size // self.first_stage.downsample_factor
         want = (vae.latent_channels, side, side)
+        if bucketed and latents.ndim == 4 and latents.shape[1] == vae.latent_channels:
+            return latents
         if latents.ndim != 4 or tuple(latents.shape[1:]) != want:
             raise ValueError(f"latent.npy of shape {tuple(latents.shape[1:])} per sample, but the VAE export "
                              f"{vae.source} makes {want} latents at image_size={self.image_size}: were the shards "
