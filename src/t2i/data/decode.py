@@ -106,7 +106,8 @@ def decode_image_to(data: bytes, cfg: DecodeConfig, bucket: tuple[int, int],
     on the resized image): resized to cover the bucket, aspect ratio kept, and cropped; ``offset`` (u, v) in
     [0, 1] places the crop (random draws in training), None centres it."""
     img = _open_image(data, cfg, bucket)
-    original = (img.size[1], img.size[0])
+    with Image.open(io.BytesIO(data)) as header:  # the file's own size: a JPEG may have been decoded reduced
+        original = (header.size[1], header.size[0])
     (rh, rw), (top, left) = cover_and_crop(*original, bucket, offset)
     if (rw, rh) != img.size:
         img = img.resize((rw, rh), Image.BICUBIC, reducing_gap=3.0 if rh < img.size[1] / 2 else None)
