@@ -15,6 +15,12 @@ images, interleaved batch by batch in one process, 0 workers: what reading out o
 are read into a manifest copy in a temp folder first (as data_prep/make_manifest.py --sizes does); the bucket
 set is the one square of --resolution, so both decode the same pixels.
 
+``--buckets --jpeg N`` instead writes N JPEG photographs of many sizes and aspect ratios into shards in a temp
+folder (crops of the photograph matplotlib ships, short side 256 to 1024 px, aspect ratio 1:3 to 3:1, quality
+90, with img2dataset's json sizes) and compares, at each --resolution, the square stream (random square crops
+of that side) with the bucketed stream of `bucket_sizes(resolution^2, 64)` (the data=webdataset default): the
+cost of buckets on real-size JPEGs, and the samples/s one core decodes (0 workers: one process).
+
 ``--json PATH`` also writes the figures as a JSON record (benchmarks/report.py).
 """
 
@@ -213,6 +219,31 @@ def compare_readers(args, shards: list[tuple[str, int]]) -> dict:
     return figures
 
 
+def write_jpeg_shards(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEG crops of a real photograph at random sizes and aspect ratios, as img2dataset lays them out."""
+    import io
+    import json
+
+    import matplotlib
+
+    from t2i.data.shard_writer import ShardWriter
+    photo = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    rng = np.random.default_rng(seed)
+    with ShardWriter(folder, max_count=500) as writer:
+        for i in range(count):
+            ratio = float(np.exp(rng.uniform(np.log(1 / 3), np.log(3))))  # width / height
+            short = int(rng.integers(256, 1025))
+            w, h = (round(short * ratio), short) if ratio >= 1 else (short, round(short / ratio))
+            cw, ch = min(photo.width, round(photo.height * w / h)), min(photo.height, round(photo.width * h / w))
+            left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+            img = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            writer.write(f"{i:06d}", {"jpg": buf.getvalue(), "txt": f"photo {i}",
+                                      "json": json.dumps({"width": w, "height": h})})
+    return folder
+
+
 def compare_buckets(args, manifest_path: str) -> dict:
     """Bucketed against square stream, batch by batch interleaved; the ratio is the median over passes of
     --samples of the passes' time ratios (above 1: the bucketed stream is slower)."""
@@ -229,10 +260,12 @@ def compare_buckets(args, manifest_path: str) -> dict:
     per_pass, names = max(1, args.samples // args.batch), ("bucketed stream", "square stream")
 
     def steps(sized_manifest: str, res: int):
+        buckets = {"multiple": 64} if args.jpeg else [[res, res]]  # the default set, or the square's pixels
         for _ in range(args.repeats):
             its = {name: iter(ShardDataModule(sized_manifest if name == names[0] else manifest_path,
                                               batch_size=args.batch, num_workers=0, resolution=res,
-                                              shuffle_window=2000, buckets=[[res, res]] if name == names[0] else None
+                                              shuffle_window=2000, crop="random",
+                                              buckets=buckets if name == names[0] else None
                                               ).train_dataloader(rank=0, world=1)) for name in names}
             for _ in range(per_pass):
                 yield {name: (lambda it=its[name]: len(next(it)["key"])) for name in names}
@@ -286,12 +319,28 @@ def main(argv: list[str] | None = None) -> None:
                    "hand-written one it replaced, in-process (only that; --workers is not used)")
     p.add_argument("--buckets", action="store_true", help="compare the bucketed stream with the square stream "
                    "over the same shards, in-process (only that)")
+    p.add_argument("--jpeg", type=int, default=0, help="with --buckets: write this many real-size JPEG photographs "
+                   "into temp shards and compare on those")
     p.add_argument("--vae-batch", type=int, default=64, help="tiny-VAE training batch")
     p.add_argument("--vae-steps", type=int, default=20, help="timed tiny-VAE training steps (0: skip)")
     p.add_argument("--json", default=None, help="also write the figures as JSON: a .json file, or a folder "
                    "that gets <name>-<machine>.json (benchmarks/report.py)")
     args = p.parse_args(argv)
     figures = {}
+    if args.jpeg:
+        if not args.buckets:
+            p.error("--jpeg goes with --buckets")
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            args.shards = str(write_jpeg_shards(Path(tmp) / "jpeg", args.jpeg))
+            print(f"wrote {args.jpeg} JPEG photographs in {time.perf_counter() - start:.0f} s")
+            figures = compare_buckets(args, args.shards)
+        if args.json:
+            from report_record import write_record
+            write_record(args.json, "data_throughput", f"buckets, {args.jpeg} JPEG photographs, batch {args.batch}",
+                         args, figures, script=__file__, argv=argv)
+        return
     manifest = load_manifest(args.shards)
     urls = [s.url for s in manifest.shards]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "

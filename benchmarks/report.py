@@ -59,7 +59,10 @@ CPU_SUITE = (
 # section order and what each benchmark measures
 BENCHMARKS = {
     "data_throughput": "samples/s of the t2i datamodule against a bare `webdataset` decode loop over the same "
-                       "shards (same decode work, same batch and workers), and tiny-VAE training images/s.",
+                       "shards (same decode work, same batch and workers), and tiny-VAE training images/s; the "
+                       "bucketed stream (aspect-ratio buckets, each sample read on its own) against the square "
+                       "stream over the same shards, on shapes PNGs and on real-size JPEG photographs (0 workers: "
+                       "the samples/s one core decodes).",
     "unet_step": "training-step time (forward + backward + AdamW) of our UNet against diffusers' "
                  "`UNet2DConditionModel` at a matched configuration (median step, best of two alternations).",
     "sampler": "DDIM time outside the network calls (classifier-free guidance batched), and the network time of "
@@ -75,6 +78,7 @@ BENCHMARKS = {
 HEADLINES = (
     ("datamodule / bare WebDataset (samples/s)", "data_throughput", r": ratio$"),
     ("tiny VAE training images/s", "data_throughput", r"^tiny VAE training", "name"),
+    ("bucketed / square stream time (below 1: buckets faster)", "data_throughput", r"time, bucketed / square$"),
     ("UNet train step, ours / diffusers", "unet_step", r"^ours/diffusers$"),
     ("CFG: one call of 2B / two calls of B", "sampler", r"^CFG batched/two calls$"),
     ("sampler overhead (DDIM time outside the network)", "sampler", r"^sampler overhead$"),

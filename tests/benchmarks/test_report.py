@@ -185,3 +185,14 @@ def test_data_throughput_compares_the_bucketed_and_square_streams(tmp_path, monk
     assert record["variant"].startswith("buckets, ") and figures["16px, 0 workers: bucketed stream"]["value"] > 0
     assert figures["16px, 0 workers: square stream"]["value"] > 0
     assert figures["16px, 0 workers: time, bucketed / square"]["value"] > 0
+
+
+def test_data_throughput_buckets_on_jpeg_photographs_writes_both_streams(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(BENCH))
+    _load("data_throughput").main(["--buckets", "--jpeg", "24", "--samples", "8", "--batch", "4", "--resolution",
+                                   "64", "--repeats", "1", "--json", str(tmp_path / "out")])
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    assert record["variant"] == "buckets, 24 JPEG photographs, batch 4"
+    figures = record["figures"]
+    assert figures["64px, 0 workers: bucketed stream"]["value"] > 0 and figures["64px, 0 workers: square stream"]["value"] > 0
