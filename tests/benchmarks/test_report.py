@@ -196,3 +196,14 @@ def test_data_throughput_buckets_on_jpeg_photographs_writes_both_streams(tmp_pat
     assert record["variant"] == "buckets, 24 JPEG photographs, batch 4"
     figures = record["figures"]
     assert figures["64px, 0 workers: bucketed stream"]["value"] > 0 and figures["64px, 0 workers: square stream"]["value"] > 0
+
+
+def test_crop_conditioning_experiment_runs_end_to_end(small_shapes, tiny_vae_export, tmp_path, monkeypatch, capsys):
+    """The experiment's plumbing (bucketed training with random crops, sampling at two crop offsets, the shift and
+    its interval); its figures come from a real budget (docs/ldm.md)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    _load("crop_conditioning").main(["--vae", str(tiny_vae_export), "--shapes", str(small_shapes), "--run",
+                                     str(tmp_path / "run"), "--steps", "2", "--prompts", "3", "--sample-steps", "2"])
+    out = capsys.readouterr().out
+    assert "vertical (rows; negative: up): mean shift" in out or "no shift to measure" in out
+    assert "prompts where a sample showed no shape:" in out

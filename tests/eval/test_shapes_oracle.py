@@ -134,3 +134,13 @@ def test_accuracies_carry_their_wilson_intervals():
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # Wilson (1927) for 8 of 10, z = 1.96
     assert result["ci95"]["background"][1] == 1.0 and 0.69 < result["ci95"]["background"][0] < 0.73
     assert percent_with_interval(result) == "80.0% [49.0, 94.3]"
+
+
+def test_shape_centre_finds_the_shape_in_an_image_of_any_aspect_ratio():
+    from t2i.eval.shapes import shape_centre
+    img = np.full((32, 48, 3), 128.0)
+    img[4:10, 30:40] = (255, 0, 0)  # rows 4..9, columns 30..39
+    assert shape_centre(img) == pytest.approx((7.0, 35.0))
+    img[20, 2] = (255, 255, 255)  # a stray pixel is not the largest region
+    assert shape_centre(img) == pytest.approx((7.0, 35.0))
+    assert shape_centre(np.full((16, 64, 3), 128.0)) is None

@@ -284,3 +284,16 @@ def eval_prompts(n: int, split: str = "seen", seed: int = PROMPT_SEED) -> list[s
 def percent_with_interval(result: dict, attribute: str = "all") -> str:
     """``95.5% [92.0, 97.6]``: an accuracy of `compare` with its 95% interval, for reports."""
     return percent(result[attribute], result["ci95"][attribute])
+
+
+def shape_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """(row, column) in pixels of the drawn shape's centre in an (H, W, 3) image of any aspect ratio in 0..255:
+    the centroid of the largest connected region that differs from the background (the border's median colour);
+    None when nothing stands out. For the size/crop conditioning's check that crop offsets move the content."""
+    img = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    mask = np.linalg.norm(img - np.median(border, axis=0), axis=2) > FG_THRESHOLD
+    if not mask.any():
+        return None
+    rows, cols = np.nonzero(_largest_component(mask))
+    return float(rows.mean()) + 0.5, float(cols.mean()) + 0.5
