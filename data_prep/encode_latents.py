@@ -7,7 +7,8 @@ atomically, so an interrupted run resumes where it stopped (finished shards are 
 
 Train the LDM on them with ``data.array_fields=[latent.npy]`` and ``model.target.precomputed=true``.
 
-For aspect-ratio buckets (`t2i.data.buckets`) give ``--bucket-area`` (and ``--bucket-multiple``): each image is
+For aspect-ratio buckets (`t2i.data.buckets`) give ``--bucket-area`` (and ``--bucket-multiple``), or the list
+``--buckets 48x48,32x64,64x32`` (height x width): each image is
 centre-cropped to its nearest bucket, its latent takes the bucket's shape, and ``original_size.npy`` and
 ``crop_top_left.npy`` record the crop. Train with the same buckets and the three arrays:
 ``data.buckets={area: A, multiple: M} data.resolution=0
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from t2i.data.buckets import bucket_sizes
+from t2i.data.datamodule import bucket_list
 from t2i.data.decode import DecodeConfig
 from t2i.data.derived import derive_shards
 from t2i.pipelines.autoencoder import load_autoencoder
@@ -49,8 +51,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="pixel area of aspect-ratio buckets (e.g. 65536 for 256x256); default: squares")
     p.add_argument("--bucket-multiple", type=int, default=64,
                    help="bucket sides are multiples of this (the VAE's factor x the UNet's downsampling)")
+    p.add_argument("--buckets", default=None, help="an explicit bucket list instead: HxW,HxW,... (as data.buckets)")
     args = p.parse_args(argv)
-    buckets = bucket_sizes(args.bucket_area, args.bucket_multiple) if args.bucket_area else None
+    if args.buckets and args.bucket_area:
+        p.error("give --buckets or --bucket-area, not both")
+    buckets = (bucket_list([[int(v) for v in b.split("x")] for b in args.buckets.split(",")]) if args.buckets
+               else bucket_sizes(args.bucket_area, args.bucket_multiple) if args.bucket_area else None)
     vae = load_autoencoder(args.vae).to(args.device)
     cfg = DecodeConfig(resolution=args.resolution, caption_required=False)
     derive_shards(args.shards, args.out, latent_fn(vae, args.device), cfg, args.batch, buckets=buckets,

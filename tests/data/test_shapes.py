@@ -178,3 +178,31 @@ def test_spec_validation_and_attributes():
     assert attrs["bbox"] == pytest.approx([attrs["center"][0] - 7, attrs["center"][1] - 7,
                                            attrs["center"][0] + 7, attrs["center"][1] + 7])
     assert attrs["shape"] == "square" and attrs["color_rgb"] == list(COLORS["orange"])
+
+
+def test_canvases_of_several_aspect_ratios(tmp_path):
+    """make_shapes.py --canvases: each sample on a canvas drawn from the list, the grid's thirds the canvas's;
+    json and manifest hold the sizes (what buckets read); the default square data is unchanged."""
+    from t2i_testing import load_data_prep
+
+    from t2i.data.manifest import load_manifest
+    from t2i.data.tar_reader import read_samples
+    make = load_data_prep("make_shapes")
+    canvases = [(64, 64), (64, 128), (128, 64)]
+    make.make_shapes(tmp_path / "aspect", train=40, val=0, shard_size=16, workers=1, canvases=canvases)
+    manifest = load_manifest(tmp_path / "aspect" / "train")
+    sizes = [hw for s in manifest.shards for hw in s.sizes]
+    assert len(sizes) == 40 and set(sizes) == set(canvases)
+    first = next(read_samples(manifest.shards[0].url, 0, 1))
+    meta = json.loads(first.fields["json"])
+    import io
+
+    from PIL import Image
+    img = Image.open(io.BytesIO(first.fields["png"]))
+    assert (meta["height"], meta["width"]) == (img.height, img.width) == sizes[0]
+    make.make_shapes(tmp_path / "square", train=10, val=0, shard_size=16, workers=1)
+    square = load_manifest(tmp_path / "square" / "train")
+    assert square.shards[0].sizes is None
+    assert "height" not in json.loads(next(read_samples(square.shards[0].url, 0, 1)).fields["json"])
+    with pytest.raises(ValueError, match="too small"):
+        ShapeSpec("circle", "red", "large", "center", "black", canvas=(20, 64))

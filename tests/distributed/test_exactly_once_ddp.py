@@ -72,15 +72,21 @@ def test_resumed_ddp_run_trains_exactly_the_rest_of_the_epoch(small_shapes, tmp_
     assert len(keys) == len(set(keys)) == per_rank_batches * BATCH * world
 
 
-@pytest.mark.parametrize("old,new", [((2, 0), (3, 0)), ((1, 2), (1, 0))])  # (ranks, loader workers)
-def test_a_run_preempted_mid_epoch_resumes_on_another_layout(small_shapes, tmp_path, old, new):
-    """Pre-empted after 5 steps (checkpoint at step 5, mid-epoch), resumed with another number of ranks or
-    loader workers: the epoch's samples are trained at most once, fewer than one new global batch is left out,
-    every rank trains as many batches, and Lightning's epoch ends where the stream's does."""
+@pytest.mark.parametrize("old,new,stop", [((2, 0), (3, 0), "preempted"), ((1, 2), (1, 0), "preempted"),
+                                          ((2, 0), (3, 0), "max_steps")])  # (ranks, loader workers)
+def test_a_run_stopped_mid_epoch_resumes_on_another_layout(small_shapes, tmp_path, old, new, stop):
+    """Stopped after 5 steps, mid-epoch: pre-empted (the process ends after the step-5 checkpoint) or at
+    max_steps (the final checkpoint, after which Lightning counts the rest as a new epoch). Resumed with another
+    number of ranks or loader workers: the epoch's samples are trained at most once, fewer than one new global
+    batch is left out, every rank trains as many batches, and the epoch ends where the stream's does."""
     (world, workers), (new_world, new_workers) = old, new
     run = tmp_path / "run"
-    _run(small_shapes, run, world, 100, f"data.num_workers={workers}", "callbacks.checkpoint.every_n_train_steps=5",
-         "+callbacks.exit._target_=t2i_key_recorder.ExitAtStep", "+callbacks.exit.step=5", code=17)
+    if stop == "preempted":
+        _run(small_shapes, run, world, 100, f"data.num_workers={workers}",
+             "callbacks.checkpoint.every_n_train_steps=5", "+callbacks.exit._target_=t2i_key_recorder.ExitAtStep",
+             "+callbacks.exit.step=5", code=17)
+    else:
+        _run(small_shapes, run, world, 5, f"data.num_workers={workers}", "callbacks.checkpoint.every_n_train_steps=1000")
     # the recorder saw the batch the exit cut short (it runs first): drop it
     first = {r: [row for row in rows if row[1] < 5] for r, rows in read_keys(run / "keys").items()}
     assert {r: len(rows) for r, rows in first.items()} == {r: 5 for r in range(world)}
@@ -90,10 +96,12 @@ def test_a_run_preempted_mid_epoch_resumes_on_another_layout(small_shapes, tmp_p
          f"callbacks.keys.out_dir={resumed}")
     second = read_keys(resumed)
     assert sorted(second) == list(range(new_world))
+    epoch = 0 if stop == "preempted" else 1  # Lightning's count; the stream's epoch is 0 either way
     for rows in second.values():
-        assert [(e, s) for e, s, _ in rows] == [(0, 5 + i) for i in range(rest_batches)] + [(1, 5 + rest_batches)]
+        assert [(e, s) for e, s, _ in rows] == ([(epoch, 5 + i) for i in range(rest_batches)]
+                                                + [(epoch + 1, 5 + rest_batches)])
     keys = [k for rows in first.values() for *_, b in rows for k in b]
-    keys += [k for rows in second.values() for e, _, b in rows if e == 0 for k in b]
+    keys += [k for rows in second.values() for e, _, b in rows if e == epoch for k in b]
     dup = [k for k, c in Counter(keys).items() if c > 1]
     assert not dup, f"trained twice in one epoch: {dup[:5]}"
     assert 0 <= TRAIN_SAMPLES - len(keys) < BATCH * new_world

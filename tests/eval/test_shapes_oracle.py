@@ -144,3 +144,16 @@ def test_shape_centre_finds_the_shape_in_an_image_of_any_aspect_ratio():
     img[20, 2] = (255, 255, 255)  # a stray pixel is not the largest region
     assert shape_centre(img) == pytest.approx((7.0, 35.0))
     assert shape_centre(np.full((16, 64, 3), 128.0)) is None
+
+
+@pytest.mark.parametrize("canvas", [(64, 64), (64, 128), (128, 64), (40, 120)])
+def test_judge_canvas_reads_colour_and_position_on_any_canvas(canvas):
+    from dataclasses import replace
+
+    from t2i.data.shapes import random_specs, render
+    from t2i.eval.shapes import judge_canvas
+    specs = [replace(s, canvas=canvas) for s in random_specs(60, seed=3)]
+    verdicts = [judge_canvas(render(s)) for s in specs]
+    assert [v["color"] for v in verdicts] == [s.color for s in specs]
+    assert [v["position"] for v in verdicts] == [s.position for s in specs]
+    assert judge_canvas(np.zeros((*canvas, 3))) == {"color": None, "position": None}

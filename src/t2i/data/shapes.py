@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 from PIL import Image
@@ -56,8 +56,11 @@ class ShapeSpec:
     background: str
     dx: float = 0.0  # jitter of the centre, px
     dy: float = 0.0
+    canvas: tuple[int, int] = (RESOLUTION, RESOLUTION)  # (height, width): the grid's thirds are the canvas's
 
     def __post_init__(self):
+        if len(self.canvas) != 2 or min(self.canvas) < 3 * SIZES["large"] // 2:
+            raise ValueError(f"canvas (height, width) {self.canvas} too small for the shapes")
         for value, allowed, what in ((self.shape, SHAPES, "shape"), (self.color, COLORS, "color"),
                                      (self.size, SIZES, "size"), (self.position, POSITIONS, "position"),
                                      (self.background, BACKGROUNDS, "background")):
@@ -98,8 +101,8 @@ def caption_attributes(text: str) -> dict[str, str]:
 def center(spec: ShapeSpec) -> tuple[float, float]:
     """(x, y) of the bounding-box centre in pixels (pixel i spans [i, i+1))."""
     row, col = POSITIONS[spec.position]
-    cell = RESOLUTION / 3
-    return (col + 0.5) * cell + spec.dx, (row + 0.5) * cell + spec.dy
+    height, width = spec.canvas
+    return (col + 0.5) * width / 3 + spec.dx, (row + 0.5) * height / 3 + spec.dy
 
 
 def bbox(spec: ShapeSpec) -> tuple[float, float, float, float]:
@@ -120,17 +123,22 @@ def attributes(spec: ShapeSpec) -> dict:
         background_rgb=list(BACKGROUNDS[spec.background]),
         resolution=RESOLUTION,
     )
+    if tuple(spec.canvas) == (RESOLUTION, RESOLUTION):
+        del d["canvas"]  # the square samples' json stays as it always was
+    else:  # img2dataset's keys: data_prep/make_manifest.py --sizes reads them
+        d["canvas"], d["height"], d["width"] = list(spec.canvas), *spec.canvas
     return d
 
 
 def coverage(spec: ShapeSpec) -> np.ndarray:
-    """Fraction of each pixel covered by the shape, float32 (64, 64) in [0, 1]."""
+    """Fraction of each pixel covered by the shape, float32 (height, width) of the canvas, in [0, 1]."""
     x0, y0, x1, y1 = bbox(spec)
     cx, cy = center(spec)
     h = SIZES[spec.size] / 2
-    cov = np.zeros((RESOLUTION, RESOLUTION), np.float32)
-    c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), RESOLUTION)
-    r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), RESOLUTION)
+    height, width = spec.canvas
+    cov = np.zeros((height, width), np.float32)
+    c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), width)
+    r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), height)
     s = SUPERSAMPLE
     offsets = (np.arange(s) + 0.5) / s
     u = (np.arange(c0, c1)[:, None] + offsets).reshape(-1)[None, :]  # sample x, shape (1, W*s)
@@ -147,7 +155,8 @@ def coverage(spec: ShapeSpec) -> np.ndarray:
 
 
 def render(spec: ShapeSpec) -> np.ndarray:
-    """The image, uint8 (64, 64, 3): background blended with the shape colour by pixel coverage."""
+    """The image, uint8 (height, width, 3) of the canvas: background blended with the shape colour by pixel
+    coverage."""
     a = coverage(spec)[..., None]
     bg = np.asarray(BACKGROUNDS[spec.background], np.float32)
     fg = np.asarray(COLORS[spec.color], np.float32)
@@ -181,6 +190,12 @@ def held_out_specs(n: int, seed: int) -> list[ShapeSpec]:
     triples = rng.integers(0, len(HELD_OUT), size=n)
     return [ShapeSpec(*HELD_OUT[t][:2], s.size, HELD_OUT[t][2], s.background, s.dx, s.dy)
             for t, s in zip(triples, _draw(rng, n), strict=True)]
+
+
+def with_canvases(specs: list[ShapeSpec], canvases: list[tuple[int, int]], seed: int) -> list[ShapeSpec]:
+    """`specs` on canvases drawn uniformly from `canvases` ((height, width) each), a pure function of `seed`."""
+    pick = np.random.default_rng([seed, 0xCA]).integers(0, len(canvases), size=len(specs))
+    return [replace(s, canvas=tuple(int(v) for v in canvases[k])) for s, k in zip(specs, pick, strict=True)]
 
 
 def _draw(rng: np.random.Generator, n: int) -> list[ShapeSpec]:

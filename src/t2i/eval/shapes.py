@@ -286,14 +286,37 @@ def percent_with_interval(result: dict, attribute: str = "all") -> str:
     return percent(result[attribute], result["ci95"][attribute])
 
 
+def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the background colour, the mask of the largest region that differs from it) of an (H, W, 3) image."""
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    bg = _BG_RGB[int(np.argmin(np.linalg.norm(_BG_RGB - np.median(border, axis=0), axis=1)))]
+    dist = np.linalg.norm(img - bg, axis=2)
+    mask = dist > FG_THRESHOLD
+    return (bg, _largest_component(mask)) if mask.any() else None
+
+
 def shape_centre(image: np.ndarray) -> tuple[float, float] | None:
     """(row, column) in pixels of the drawn shape's centre in an (H, W, 3) image of any aspect ratio in 0..255:
-    the centroid of the largest connected region that differs from the background (the border's median colour);
+    the centroid of the largest connected region that differs from the background (the border's colour);
     None when nothing stands out. For the size/crop conditioning's check that crop offsets move the content."""
-    img = np.asarray(image, dtype=np.float32)
-    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
-    mask = np.linalg.norm(img - np.median(border, axis=0), axis=2) > FG_THRESHOLD
-    if not mask.any():
+    found = _foreground(np.asarray(image, dtype=np.float32))
+    if found is None:
         return None
-    rows, cols = np.nonzero(_largest_component(mask))
+    rows, cols = np.nonzero(found[1])
     return float(rows.mean()) + 0.5, float(cols.mean()) + 0.5
+
+
+def judge_canvas(image: np.ndarray) -> dict:
+    """Colour and position (the canvas's thirds) of the shape in an (H, W, 3) image of any aspect ratio, 0..255;
+    None for both when there is no shape. Shape and size are judged by `judge`, on squares only."""
+    img = np.asarray(image, dtype=np.float32)
+    found = _foreground(img)
+    if found is None:
+        return {"color": None, "position": None}
+    bg, comp = found
+    dist = np.linalg.norm(img - bg, axis=2)
+    core = comp & (dist >= np.median(dist[comp]))
+    rows, cols = np.nonzero(comp)
+    h, w = comp.shape
+    cell = (int(np.clip((rows.mean() + 0.5) * 3 // h, 0, 2)), int(np.clip((cols.mean() + 0.5) * 3 // w, 0, 2)))
+    return {"color": _FG_NAMES[_nearest_color(np.median(img[core], axis=0), bg)], "position": _CELL_NAMES[cell]}
