@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", default="runs/aspect-buckets")
     p.add_argument("--train", type=int, default=50000)
     p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=128, help="training batch (the tiny recipe's)")
+    p.add_argument("--resume", action="store_true", help="continue --run's training to --steps (data kept)")
     p.add_argument("--prompts", type=int, default=100, help="per bucket, seen and unseen each")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--picture", default=None, help="write one prompt at the three aspect ratios here (.png)")
@@ -62,23 +64,33 @@ def main(argv: list[str] | None = None) -> None:
     buckets = ",".join(f"{h}x{w}" for h, w in CANVASES)
     if not args.skip_training:
         start = time.perf_counter()
-        run(["data_prep/make_shapes.py", "--out", str(data), "--train", str(args.train), "--val", "512",
-             "--canvases", ",".join(f"{h}x{w}" for h, w in CANVASES.values()), "--workers", "2"])
-        for split in ("train", "val"):
-            run(["data_prep/encode_latents.py", "--vae", str(args.vae), "--shards", str(data / split), "--out",
-                 str(data / f"latents/{split}"), "--resolution", "48", "--buckets", buckets])
+        if not args.resume:
+            prepare(args, data, buckets)
         prepared = time.perf_counter()
         cfg = compose_config([
             "experiment=tiny/ldm", f"run_dir={run_dir}", f"model.target.export={args.vae}",
             "model.target.precomputed=true", f"data.train_manifest={data}/latents/train",
-            f"data.val_manifest={data}/latents/val", "data.resolution=0",
+            f"data.val_manifest={data}/latents/val", "data.resolution=0", f"data.batch_size={args.batch}",
             "data.array_fields=[latent.npy,original_size.npy,crop_top_left.npy]",
             "data.buckets=[" + ",".join(f"[{h},{w}]" for h, w in CANVASES) + "]", "model.image_size=48",
             "model.conditioner.size_embedding=32", "model.denoiser.vector_dim=192",
-            f"trainer.max_steps={args.steps}", "model.sample_every_n_steps=0", "final_validation=false"])
+            f"trainer.max_steps={args.steps}", "model.sample_every_n_steps=0", "final_validation=false",
+            *(["ckpt_path=last"] if args.resume else [])])
         train(cfg)
-        print(f"data and latents {prepared - start:.0f} s, training {args.steps} steps "
+        print(f"data and latents {prepared - start:.0f} s, training to step {args.steps} "
               f"{time.perf_counter() - prepared:.0f} s", flush=True)
+    evaluate(args, run_dir)
+
+
+def prepare(args, data: Path, buckets: str) -> None:
+    run(["data_prep/make_shapes.py", "--out", str(data), "--train", str(args.train), "--val", "512",
+         "--canvases", ",".join(f"{h}x{w}" for h, w in CANVASES.values()), "--workers", "2"])
+    for split in ("train", "val"):
+        run(["data_prep/encode_latents.py", "--vae", str(args.vae), "--shards", str(data / split), "--out",
+             str(data / f"latents/{split}"), "--resolution", "48", "--buckets", buckets])
+
+
+def evaluate(args, run_dir: Path) -> None:
     pipe = TextToImagePipeline.from_export(run_dir / "export")
     settings = SamplerSettings(steps=args.sample_steps, guidance_scale=3.0)
     print("| bucket (h x w) | canvas | split | n | colour | position | both |\n|---|---|---|---|---|---|---|")
