@@ -30,6 +30,7 @@ from t2i.cli.train import train
 from t2i.data.shapes import parse_caption
 from t2i.eval.intervals import wilson
 from t2i.eval.shapes import eval_prompts, judge_canvas
+from t2i.images import to_uint8
 from t2i.pipelines.sampling import SamplerSettings
 from t2i.pipelines.text_to_image import TextToImagePipeline
 
@@ -42,8 +43,8 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def hwc(images: torch.Tensor) -> np.ndarray:
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +102,7 @@ def evaluate(args, run_dir: Path) -> None:
             for i in range(0, len(prompts), 50):
                 chunk = prompts[i:i + 50]
                 with torch.no_grad():
-                    images = to_uint8(pipe(chunk, settings, seed=i, original_size=canvas, height=bucket[0],
+                    images = hwc(pipe(chunk, settings, seed=i, original_size=canvas, height=bucket[0],
                                            width=bucket[1]))
                 for prompt, image in zip(chunk, images, strict=True):
                     spec, verdict = parse_caption(prompt), judge_canvas(image)
@@ -119,7 +120,7 @@ def evaluate(args, run_dir: Path) -> None:
         tiles = []
         for bucket, canvas in CANVASES.items():
             with torch.no_grad():
-                tiles.append(to_uint8(pipe([prompt], settings, seed=0, original_size=canvas, height=bucket[0],
+                tiles.append(hwc(pipe([prompt], settings, seed=0, original_size=canvas, height=bucket[0],
                                            width=bucket[1]))[0])
         scale, gap = 4, 8
         width = sum(t.shape[1] for t in tiles) * scale + gap * (len(tiles) - 1)

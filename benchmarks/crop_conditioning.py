@@ -23,6 +23,7 @@ from t2i.cli.config import compose_config
 from t2i.cli.train import train
 from t2i.data.manifest import ShardInfo, load_manifest, write_manifest
 from t2i.eval.shapes import eval_prompts, shape_centre
+from t2i.images import to_uint8
 from t2i.pipelines.sampling import SamplerSettings
 from t2i.pipelines.text_to_image import TextToImagePipeline
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 image = pipe([prompt], settings, seed=i, original_size=ORIGINAL, crop_top_left=(top, 0),
                              height=BUCKET[0], width=BUCKET[1])[0]
-            centres.append(shape_centre(((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()))
+            centres.append(shape_centre(to_uint8(image[None])[0].permute(1, 2, 0).numpy()))
         if None in centres:
             missing += 1
             continue

@@ -50,6 +50,13 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
                key=lambda i: (abs(math.log(buckets[i][0] / buckets[i][1]) - ratio), -buckets[i][0] * buckets[i][1]))
 
 
+def bucket_of(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int:
+    """The bucket of an image of ``size`` (height, width); (0, 0), an unknown size, goes to the squarest bucket
+    (the sample is then planned there and skipped, counted, when it cannot be decoded)."""
+    h, w = size
+    return nearest_bucket(h, w, buckets) if h > 0 and w > 0 else nearest_bucket(1, 1, buckets)
+
+
 def cover_and_crop(height: int, width: int, bucket: tuple[int, int],
                    offset: tuple[float, float] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
     """((resized height, width), (top, left)): the smallest resize of an image that covers ``bucket`` (aspect ratio

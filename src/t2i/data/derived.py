@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2i.data.buckets import nearest_bucket
+from t2i.data.buckets import bucket_of
 from t2i.data.decode import (
     BadSample,
     DecodeConfig,
@@ -87,7 +87,7 @@ def derive_shard(url: str, n: int, compute: ComputeFn, cfg: DecodeConfig, batch:
                 group, image, extra = None, decode_image(raw.fields[name], cfg), {}
             else:
                 size = image_size_of(raw.fields, cfg.image_fields)
-                group = nearest_bucket(*size, buckets) if min(size) > 0 else nearest_bucket(1, 1, buckets)
+                group = bucket_of(size, buckets)
                 image, original, crop = decode_image_to(raw.fields[name], cfg, buckets[group])
                 extra = {"original_size.npy": np.array(original, dtype=np.int64),
                          "crop_top_left.npy": np.array(crop, dtype=np.int64)}

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from t2i.data import bucket_plan
 from t2i.data import plan as square_plan
 from t2i.data.bucket_plan import rank_batches, worker_batches
-from t2i.data.buckets import nearest_bucket
+from t2i.data.buckets import bucket_of
 from t2i.data.decode import BadSample, DecodeConfig, decode_sample, fields_used
 from t2i.data.manifest import DataError, Manifest
 from t2i.data.plan import (
@@ -84,11 +84,11 @@ class ShardStream(IterableDataset):
                 raise DataError(f"data.buckets reads each sample on its own, out of order, but {manifest.source} "
                                 f"lists {len(piped)} pipe: shard(s) ({piped[0]}, ...), which would be streamed "
                                 f"again for every sample: copy them to local disk, or train without buckets")
-            square = nearest_bucket(1, 1, self.buckets)  # an image of unknown size: planned, then skipped
-            self.bucket_ids = [np.array([nearest_bucket(h, w, self.buckets) if h > 0 and w > 0 else square
-                                         for h, w in s.sizes], dtype=np.int64) for s in manifest.shards]
+            self.bucket_ids = [np.array([bucket_of(hw, self.buckets) for hw in s.sizes], dtype=np.int64)
+                               for s in manifest.shards]
         self._len: int | None = None
         self._leg_len: int | None = None
+        self._leg_key: tuple = (0, ())  # the (epoch, earlier parts) `remainder` belongs to
 
     def __len__(self) -> int:
         if self._len is None:  # the same every epoch: each bucket's count does not depend on the order
@@ -104,8 +104,10 @@ class ShardStream(IterableDataset):
         oldest first, run under another world size, worker count or batch size. This stream then plans only the
         samples those parts had not delivered (`remainder`), with its own layout, and ``batches_consumed`` counts
         batches of that plan (`leg_batches` of them)."""
-        self.epoch, self.remainder = epoch, (self.undelivered(epoch, earlier) if earlier else None)
-        self._leg_len = None
+        if (epoch, earlier) != self._leg_key:  # the loader sets one position twice: when loading, when iterating
+            self.remainder = self.undelivered(epoch, earlier) if earlier else None
+            self._leg_key, self._leg_len = (epoch, earlier), None
+        self.epoch = epoch
         if not 0 <= batches_consumed <= self.leg_batches():
             raise ValueError(f"position {batches_consumed} outside the epoch's {self.leg_batches()} batches")
         self.start_batch = batches_consumed

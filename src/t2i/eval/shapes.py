@@ -286,13 +286,14 @@ def percent_with_interval(result: dict, attribute: str = "all") -> str:
     return percent(result[attribute], result["ci95"][attribute])
 
 
-def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(the background colour, the mask of the largest region that differs from it) of an (H, W, 3) image."""
+def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(the background colour, each pixel's distance from it, the mask of the largest region that differs from
+    it) of an (H, W, 3) image."""
     border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
     bg = _BG_RGB[int(np.argmin(np.linalg.norm(_BG_RGB - np.median(border, axis=0), axis=1)))]
     dist = np.linalg.norm(img - bg, axis=2)
     mask = dist > FG_THRESHOLD
-    return (bg, _largest_component(mask)) if mask.any() else None
+    return (bg, dist, _largest_component(mask)) if mask.any() else None
 
 
 def shape_centre(image: np.ndarray) -> tuple[float, float] | None:
@@ -302,7 +303,7 @@ def shape_centre(image: np.ndarray) -> tuple[float, float] | None:
     found = _foreground(np.asarray(image, dtype=np.float32))
     if found is None:
         return None
-    rows, cols = np.nonzero(found[1])
+    rows, cols = np.nonzero(found[2])
     return float(rows.mean()) + 0.5, float(cols.mean()) + 0.5
 
 
@@ -313,8 +314,7 @@ def judge_canvas(image: np.ndarray) -> dict:
     found = _foreground(img)
     if found is None:
         return {"color": None, "position": None}
-    bg, comp = found
-    dist = np.linalg.norm(img - bg, axis=2)
+    bg, dist, comp = found
     core = comp & (dist >= np.median(dist[comp]))
     rows, cols = np.nonzero(comp)
     h, w = comp.shape
