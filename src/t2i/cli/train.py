@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from t2i.bf16_precision import BF16MixedPrecision, autocast_device
 from t2i.callbacks.final_checkpoint import FinalCheckpoint
 from t2i.callbacks.preemption import Preempted, PreemptionCheckpoint
 from t2i.callbacks.rng_state import RngStateCallback
@@ -37,6 +38,7 @@ from t2i.checkpointing import (
 from t2i.cli.batch import apply_global_batch
 from t2i.cli.config import check_moved_keys, config_dir
 from t2i.exports import write_export
+from t2i.nn.compile import compile_from_config
 
 log = logging.getLogger("t2i.train")
 
@@ -105,8 +107,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks.append(TQDMProgressBar())
     loggers = [instantiate(lg) for lg in (cfg.logger or {}).values() if lg is not None] or False
     plugins = [] if is_deepspeed(cfg.strategy) else [AtomicCheckpointIO()]  # DeepSpeed swaps its directories
+    extra = {}
+    if str(cfg.trainer.get("precision")) == "bf16-mixed" and not is_deepspeed(cfg.strategy):
+        # Lightning's own bf16 plugin refuses to clip gradients for a fused optimizer (an fp16 concern)
+        plugins.append(BF16MixedPrecision(autocast_device(cfg.trainer.get("accelerator"))))
+        extra["precision"] = None
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins,
-                       default_root_dir=str(run_dir))
+                       default_root_dir=str(run_dir), **extra)
 
 
 def _export(cfg: DictConfig, trainer: L.Trainer, model, datamodule, metrics: dict, last: Path) -> Path | None:
@@ -138,6 +145,7 @@ def train(cfg: DictConfig) -> TrainResult:
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
     if cfg.get("channels_last", False):  # 4-D weights only; the convolutions then keep activations NHWC
         model = model.to(memory_format=torch.channels_last)
+    compile_from_config(model, cfg.get("compile"), shapes=len(getattr(datamodule, "buckets", None) or ()) or 1)
     if trainer.accumulate_grad_batches > 1 and not model.automatic_optimization:
         raise ValueError(f"gradient accumulation ({trainer.accumulate_grad_batches} batches per step, from "
                          f"global_batch_size or trainer.accumulate_grad_batches) is not supported by the "
