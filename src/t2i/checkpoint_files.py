@@ -96,12 +96,34 @@ def is_zero_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / "latest").is_file()
 
 
+DCP_META = "meta.pt"  # Lightning's name for the trainer state inside a distributed checkpoint folder
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """A distributed checkpoint folder as Lightning writes it (``.metadata`` + shards + ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def dcp_files_problem(path: Path) -> str | None:
+    """None when every file a distributed checkpoint needs is there (shards, index, trainer state)."""
+    if not (path / ".metadata").is_file():
+        return f"{path}: no .metadata (not a distributed checkpoint, or its save was interrupted)"
+    if not (path / DCP_META).is_file():
+        return f"{path}: no {DCP_META} (the trainer state; the save was interrupted)"
+    if not list(path.glob("*.distcp")):
+        return f"{path}: no shard files (*.distcp)"
+    return None
+
+
 def looks_complete(path: str | Path) -> bool:
     """A cheap check, made at every save: `path` is a zip file with its end record, or a ZeRO directory whose
     files all are (a save cut short lacks the end record). `checkpoint_problem` reads every byte instead."""
     path = Path(path)
     if path.is_file():
         return zipfile.is_zipfile(path)
+    if is_dcp_checkpoint(path):
+        return dcp_files_problem(path) is None
     if not is_zero_checkpoint(path):
         return False
     files = sorted(_zero_tag_dir(path).glob("*.pt"))
@@ -127,8 +149,11 @@ def checkpoint_problem(path: str | Path) -> str | None:
     all are), else what is wrong with it. Nothing is unpickled."""
     path = Path(path)
     if path.is_dir():
+        if is_dcp_checkpoint(path):
+            return dcp_files_problem(path) or _zip_problem(path / DCP_META)
         if not is_zero_checkpoint(path):
-            return f"{path} is a directory but not a DeepSpeed checkpoint (no 'latest' file)"
+            return (f"{path} is a directory but neither a DeepSpeed checkpoint (no 'latest' file) nor a distributed "
+                    f"checkpoint (no '.metadata')")
         tag_dir = _zero_tag_dir(path)
         files = sorted(tag_dir.glob("*.pt"))
         if not files:

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from t2i.checkpoint_files import checkpoint_problem, fsync_dir, looks_complete, previous_path
+from t2i.checkpoint_files import (
+    DCP_META,
+    checkpoint_problem,
+    fsync_dir,
+    is_dcp_checkpoint,
+    looks_complete,
+    previous_path,
+)
 from t2i.distributed.deepspeed import zero_client_state
 
 log = logging.getLogger("t2i.checkpoint")
@@ -100,7 +107,9 @@ def read_stage_tag(path: str | Path) -> dict | None:
     """The stage tag of a checkpoint file or ZeRO directory (None for checkpoints written before tags existed).
     Read with ``weights_only=True`` and memory-mapped, so large checkpoints cost little."""
     path = Path(path)
-    if path.is_dir():
+    if is_dcp_checkpoint(path):
+        state = torch.load(path / DCP_META, map_location="cpu", weights_only=True)
+    elif path.is_dir():
         state = zero_client_state(path)
     else:
         try:

@@ -21,6 +21,7 @@ import logging
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("t2i.nonfinite")
 
@@ -67,7 +68,12 @@ class NonFiniteGuard(L.Callback):
         if _is_deepspeed(trainer):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all_finite(grads)
+        if any(isinstance(g, DTensor) for g in grads):  # FSDP: each rank holds a shard; all must skip together
+            local = all_finite([g.to_local() if isinstance(g, DTensor) else g for g in grads])
+            bad = torch.tensor(float(not local), device=pl_module.device)
+            finite = bool(trainer.strategy.reduce(bad, reduce_op="sum") == 0)
+        else:
+            finite = all_finite(grads)
         self.step_skipped = not finite
         if not finite:
             for group in optimizer.param_groups:

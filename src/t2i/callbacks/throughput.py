@@ -17,6 +17,8 @@ after validation and after a counted batch. MFU is the trained network's FLOP/s 
 dense bf16/fp16 tensor-core peak for a 16-bit run, TF32 for a 32-bit one, looked up from the device name, or
 ``peak_tflops`` when given. On a CPU or an unknown GPU it is left out unless ``peak_tflops`` is given. A
 module that cannot run on the meta device (data-dependent shapes) is left out of the count, with a warning.
+Modules sharded by FSDP cannot be copied: under a strategy that shards parameters, the meta clones are made
+before the model is sharded.
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ class _OutermostCalls:
             h.remove()
 
 
-def count_flops(calls) -> tuple[float, float]:
-    """(trained, frozen) FLOPs of recorded calls, each re-run on a meta clone (backward where it had a graph)."""
+def count_flops(calls, clone_of=None) -> tuple[float, float]:
+    """(trained, frozen) FLOPs of recorded calls, each re-run on a meta clone (backward where it had a graph).
+    ``clone_of(module)`` gives a clone made before the module was sharded, where it cannot be copied now."""
     trained = frozen = 0.0
     for module, args, kwargs, grad in calls:
         if not any(isinstance(m, _COMPUTE) for m in module.modules()):
@@ -162,7 +165,7 @@ def count_flops(calls) -> tuple[float, float]:
         float_dtype = next((p.dtype for p in module.parameters() if p.dtype.is_floating_point), torch.float32)
         counter = FlopCounterMode(display=False)
         try:
-            clone = _meta_clone(module)
+            clone = (clone_of(module) if clone_of is not None else None) or _meta_clone(module)
             with counter, torch.set_grad_enabled(grad):
                 out = clone(*_meta(args, float_dtype), **_meta(kwargs, float_dtype))
                 ends = [t for t in _tensors(out) if t.requires_grad]
@@ -212,6 +215,25 @@ class Throughput(L.Callback):
         self.last: dict[str, float] = {}  # the latest logged figures
 
     # ---- counting -------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """FSDP's sharded modules refuse to be copied: under a strategy that shards parameters, the meta clones
+        are made here, before the model is sharded (``configure_model`` runs after this hook)."""
+        self._pl_module = pl_module
+        self._clones = {}
+        if getattr(trainer.strategy, "shards_parameters", False):
+            self._clones = {name: _meta_clone(child) for name, child in pl_module.named_children()}
+
+    def _clone_of(self, module: nn.Module) -> nn.Module | None:
+        clones = getattr(self, "_clones", None)
+        if not clones:
+            return None
+        name = next((n for n, m in self._pl_module.named_modules() if m is module), None)
+        if not name:
+            return None
+        head, _, rest = name.partition(".")
+        clone = clones.get(head)
+        return clone.get_submodule(rest) if clone is not None and rest else clone
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._key = _shape_key(batch)
         if self._key not in self.flops:
@@ -221,7 +243,7 @@ class Throughput(L.Callback):
     def _finish_count(self) -> None:
         recorder, self._recorder = self._recorder, None
         recorder.__exit__(None, None, None)
-        self.flops[self._key] = count_flops(recorder.calls)
+        self.flops[self._key] = count_flops(recorder.calls, self._clone_of)
         self._mark = None  # counting took time: the next window starts after it
 
     # ---- timing ---------------------------------------------------------------------------------

@@ -31,23 +31,27 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from t2i.checkpoint_files import checkpoint_problem, is_zero_checkpoint
+from t2i.checkpoint_files import checkpoint_problem, is_dcp_checkpoint, is_zero_checkpoint
 from t2i.checkpointing import CheckpointError, check_stage_tag
 from t2i.config_layout import upgrade_model_config
 from t2i.distributed.deepspeed import zero_checkpoint_state_dict, zero_client_state
+from t2i.distributed.fsdp import dcp_client_state, dcp_state_dict
 from t2i.exports import write_export
 
 log = logging.getLogger("t2i.export")
 
 
 def checkpoint_state(path: str | Path) -> tuple[dict[str, torch.Tensor], int]:
-    """(the LightningModule's full state dict, global step) of a checkpoint file or ZeRO directory."""
+    """(the LightningModule's full state dict, global step) of a checkpoint file, ZeRO or distributed checkpoint
+    directory."""
     path = Path(path)
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointError(problem)
     if is_zero_checkpoint(path):
         return zero_checkpoint_state_dict(path), int(zero_client_state(path).get("global_step", -1))
+    if is_dcp_checkpoint(path):  # strategy=fsdp
+        return dcp_state_dict(path), int(dcp_client_state(path).get("global_step", -1))
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" not in ckpt:
         raise CheckpointError(f"{path} holds no state_dict (not a Lightning training checkpoint)")

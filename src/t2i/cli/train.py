@@ -117,7 +117,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def _export(cfg: DictConfig, trainer: L.Trainer, model, datamodule, metrics: dict, last: Path) -> Path | None:
-    if is_deepspeed(cfg.strategy):  # ZeRO shards: every rank must be done writing; rank 0 converts the directory
+    if is_deepspeed(cfg.strategy) or getattr(trainer.strategy, "shards_parameters", False):
+        # ZeRO or FSDP shards: every rank must be done writing; rank 0 converts the directory
         trainer.strategy.barrier("t2i-export")
         if not trainer.is_global_zero:
             return None
@@ -144,7 +145,12 @@ def train(cfg: DictConfig) -> TrainResult:
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
     if cfg.get("channels_last", False):  # 4-D weights only; the convolutions then keep activations NHWC
-        model = model.to(memory_format=torch.channels_last)
+        if is_deepspeed(cfg.strategy) or "fsdp" in str(cfg.strategy.get("_target_", "")).lower():
+            # ZeRO and FSDP flatten or shard parameters as contiguous tensors and refuse NHWC-strided ones
+            log.warning("channels_last is not applied under %s (it shards parameters as contiguous tensors)",
+                        cfg.strategy.get("_target_"))
+        else:
+            model = model.to(memory_format=torch.channels_last)
     compile_from_config(model, cfg.get("compile"), shapes=len(getattr(datamodule, "buckets", None) or ()) or 1)
     if trainer.accumulate_grad_batches > 1 and not model.automatic_optimization:
         raise ValueError(f"gradient accumulation ({trainer.accumulate_grad_batches} batches per step, from "

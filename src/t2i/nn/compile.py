@@ -26,20 +26,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from t2i.nn.unet import unet_blocks
+
 log = logging.getLogger("t2i.compile")
 
 SCOPES = ("denoiser", "blocks")
-
-
-def block_modules(network: nn.Module) -> list[nn.Module]:
-    """The UNet blocks of ``network`` (every ``EmbedSequential``, outermost only), in module order."""
-    from t2i.nn.unet import EmbedSequential
-    blocks, inside = [], set()
-    for name, module in network.named_modules():
-        if isinstance(module, EmbedSequential) and not any(name.startswith(p + ".") for p in inside):
-            blocks.append(module)
-            inside.add(name)
-    return blocks
 
 
 def compile_network(network: nn.Module, scope: str, *, shapes: int = 1, backend: str = "inductor",
@@ -55,7 +46,7 @@ def compile_network(network: nn.Module, scope: str, *, shapes: int = 1, backend:
     if scope == "denoiser":
         modules, graphs_per_shape = [network], 1
     else:
-        modules = block_modules(network)
+        modules = unet_blocks(network)
         if not modules:
             raise ValueError(f"compile.scope=blocks: {type(network).__name__} has no UNet blocks (EmbedSequential); "
                              f"use compile.scope=denoiser")

@@ -9,6 +9,10 @@ Under every strategy:
   ranges on each rank). Each rank averages its own shard (``param.ds_tensor``): exact, no communication, no
   gathered copy of the model. Small "persistent" parameters, which ZeRO-3 keeps whole, are averaged whole too.
   The shards land in the ZeRO checkpoint and `t2i.cli.export` gathers them.
+- FSDP2 (``strategy=fsdp``): the average is sharded like the model (`DiffusionStage.configure_model` shards
+  both alike), so each parameter and its average are DTensors of the same placement and ``lerp_`` acts on each
+  rank's own shard: exact, no communication. The distributed checkpoint holds the shards; `t2i.cli.export`
+  reads them whole.
 - The average stays in fp32 whatever the module is cast to (``.half()``, ``.to(bfloat16)``): an update of weight
   1 - 0.9999 vanishes in bf16's 8-bit mantissa.
 """

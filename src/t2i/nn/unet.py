@@ -315,3 +315,14 @@ class UNetWrapper(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.unet.downsample_factor
+
+
+def unet_blocks(network: nn.Module) -> list[nn.Module]:
+    """The UNet blocks inside ``network`` (every outermost ``EmbedSequential``: input, middle, output and
+    full-resolution blocks), in module order: the units that compile and FSDP work on."""
+    blocks, names = [], []
+    for name, module in network.named_modules():
+        if isinstance(module, EmbedSequential) and not any(name.startswith(n + ".") for n in names):
+            blocks.append(module)
+            names.append(name)
+    return blocks

@@ -39,6 +39,7 @@ from t2i.diffusion.objective import DiffusionObjective
 from t2i.images import log_grid
 from t2i.interop.unet_init import load_unet_weights
 from t2i.nn.ema import EMA
+from t2i.nn.unet import unet_blocks
 from t2i.pipelines.sampling import SamplerSettings
 from t2i.stages.conditioners import Text
 from t2i.stages.previews import Preview, PromptGrid
@@ -205,9 +206,42 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
 
     # ---- sampling and export --------------------------------------------------------------------
     def samples_on_this_rank(self) -> bool:
-        """Rank 0 draws the sample grids; under ZeRO-3 every rank runs the sampler with it (each forward gathers
-        the sharded parameters, a collective) and rank 0 writes the grid."""
-        return self.trainer.is_global_zero or bool(getattr(self.trainer.strategy, "zero_stage_3", False))
+        """Rank 0 draws the sample grids; under ZeRO-3 and FSDP every rank runs the sampler with it (each forward
+        gathers the sharded parameters, a collective) and rank 0 writes the grid."""
+        strategy = self.trainer.strategy
+        return self.trainer.is_global_zero or bool(getattr(strategy, "zero_stage_3", False)
+                                                   or getattr(strategy, "shards_parameters", False))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = getattr(self.trainer.strategy, "clip_gradients", None)  # FSDP: sharded and whole gradients together
+        if clip is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val,
+             gradient_clip_algorithm)
+
+    def configure_model(self) -> None:
+        """Under ``strategy=fsdp`` (`t2i.distributed.fsdp`): shard the trained network and its EMA copy alike:
+        one unit per UNet block, the UNet's remaining layers as its root unit, a jointly trained text encoder as
+        a unit of its own. The small rest (the dropout's learned nulls, read outside any forward when sampling)
+        stays whole on every rank, its gradients averaged. Other strategies: nothing to do."""
+        shard = getattr(self._trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(self.net["denoiser"], FSDPModule):  # already sharded (a validation after fit calls this again)
+            return
+        trained = {name: any(p.requires_grad for p in child.parameters()) for name, child in self.net.items()}
+        units, roots, whole = [], [], []
+        for net in [self.net] + ([self.ema.module] if self.ema is not None else []):
+            for name, child in net.items():
+                if name == "denoiser":
+                    units += unet_blocks(child)
+                    roots.append(child)
+                elif name == "text_encoder" and trained[name]:
+                    roots.append(child)
+                else:
+                    whole.append(child)
+        shard(units, roots, whole)
 
     def log_samples(self, tag: str) -> None:
         if not self.samples_on_this_rank():

@@ -1,0 +1,122 @@
+"""strategy=fsdp (FSDP2 fully_shard, t2i.distributed.fsdp) on the CPU over gloo, 2 ranks: the tiny LDM stage
+(UNet, jointly trained text tower, learned CFG null, EMA, warm-up LR schedule, gradient clipping) trained in fp32
+ends with the weights and EMA of DDP on 2 ranks; its distributed checkpoint converts to the same export; a run
+killed after a checkpoint resumes to the same end; a damaged checkpoint falls back to the kept previous one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from t2i_testing import REPO, tiny_ldm_overrides
+
+from t2i.checkpoint_files import checkpoint_problem, is_dcp_checkpoint
+from t2i.cli.export import checkpoint_state
+
+STEPS = 4
+COMMON = (f"trainer.max_steps={STEPS}", "trainer.precision=32-true", "trainer.val_check_interval=null",
+          "trainer.limit_val_batches=0", "final_validation=false", "trainer.devices=2",
+          "callbacks.checkpoint.every_n_train_steps=2")
+
+
+def run_cli(small_shapes, vae_export, run_dir: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+    overrides = tiny_ldm_overrides(small_shapes, vae_export, run_dir, *COMMON, *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "t2i.cli.train", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ddp")
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=ddp", "export=false")
+    return run
+
+
+def assert_same_training(run: Path, reference: Path, steps: int = STEPS) -> None:
+    ours, step = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    ref, ref_step = checkpoint_state(reference / "checkpoints" / "last.ckpt")
+    assert step == ref_step == steps
+    assert set(ours) == set(ref)
+    for part in ("net.", "ema."):
+        keys = [k for k in ref if k.startswith(part)]
+        assert keys
+        for k in keys:
+            torch.testing.assert_close(ours[k].float(), ref[k].float(), rtol=0, atol=2e-6, msg=k)
+    moved = max((ref[k] - ref["net." + k.removeprefix("ema.module.")]).abs().max().item()
+                for k in ref if k.startswith("ema.module.") and ref[k].is_floating_point())
+    assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"
+
+
+def test_fsdp_training_equals_ddp_and_exports(small_shapes, tiny_vae_export, ddp_run, tmp_path):
+    run = tmp_path / "fsdp"
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp")
+    last = run / "checkpoints" / "last.ckpt"
+    assert is_dcp_checkpoint(last) and len(list(last.glob("*.distcp"))) == 2, "not a 2-rank distributed checkpoint"
+    assert checkpoint_problem(last) is None
+    assert_same_training(run, ddp_run)
+    # the export written after sharded training (converted from the distributed checkpoint) holds the EMA
+    exported = load_file(run / "export" / "model.safetensors")
+    reference, _ = checkpoint_state(ddp_run / "checkpoints" / "last.ckpt")
+    assert exported and all(f"ema.module.{k}" in reference for k in exported)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, reference[f"ema.module.{k}"], rtol=0, atol=2e-6, msg=k)
+    # t2i.cli.export converts the same folder again, from the run folder alone
+    proc = subprocess.run([sys.executable, "-m", "t2i.cli.export", f"run_dir={run}", f"out={tmp_path / 'again'}"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+
+
+def test_fsdp_killed_run_resumes_to_the_same_end(small_shapes, tiny_vae_export, ddp_run, tmp_path):
+    """The process dies right after the step-2 checkpoint (no cleanup, as a pre-emption); the resumed run
+    restores the sharded weights, EMA, AdamW states, RNG and data position, and ends where DDP does."""
+    run = tmp_path / "killed"
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false",
+            "+callbacks.exit._target_=t2i_key_recorder.ExitAtStep", "+callbacks.exit.step=2", code=17)
+    stopped = run / "checkpoints"
+    saved = [p for p in stopped.iterdir() if is_dcp_checkpoint(p)]
+    assert saved, f"no distributed checkpoint after the kill: {list(stopped.iterdir())}"
+    proc = run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false", "ckpt_path=last")
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr, "the second run did not resume"
+    assert_same_training(run, ddp_run)
+    # each save swaps a whole folder in and keeps the one before it intact (here the periodic step-4 save,
+    # which the final save then replaced)
+    previous = run / "checkpoints" / "last.ckpt.prev"
+    assert checkpoint_problem(previous) is None and checkpoint_state(previous)[1] in (2, STEPS)
+
+
+def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(small_shapes, tiny_vae_export, tmp_path):
+    """A distributed checkpoint reshards on load: 2 ranks to 1, the rest of the epoch spread over the one."""
+    run = tmp_path / "elastic"
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false", "trainer.max_steps=2")
+    proc = run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false", "ckpt_path=last",
+                   "trainer.devices=1")
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    state, step = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    assert step == STEPS and all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_fsdp_config(monkeypatch):
+    from hydra.utils import instantiate
+
+    from t2i.cli.config import compose_config
+    from t2i.distributed.fsdp import FSDP2Strategy
+    cfg = compose_config(["experiment=tiny/ldm", "strategy=fsdp", "strategy.param_dtype=bfloat16"])
+    assert cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.strategy)
+    assert isinstance(strategy, FSDP2Strategy) and strategy.param_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="floating dtype"):
+        FSDP2Strategy(param_dtype="int8")
