@@ -308,3 +308,25 @@ def all_specs() -> list[ShapeSpec]:
     """Every attribute combination of the shapes dataset (972), without jitter."""
     return [ShapeSpec(sh, c, sz, p, b) for sh in SHAPES for c in COLORS for sz in SIZES
             for p in POSITIONS for b in BACKGROUNDS]
+
+
+def assert_same_run_end(run: Path, reference: Path, steps: int, atol: float = 1e-6) -> None:
+    """Two runs' last checkpoints (files, ZeRO or distributed-checkpoint folders) hold the same step, weights and
+    EMA (the EMA having moved), and no temporary checkpoint folder is left behind."""
+    import torch
+
+    from t2i.cli.export import checkpoint_state
+    ours, step = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    ref, ref_step = checkpoint_state(reference / "checkpoints" / "last.ckpt")
+    assert step == ref_step == steps
+    assert set(ours) == set(ref)
+    for part in ("net.", "ema."):
+        keys = [k for k in ref if k.startswith(part)]
+        assert keys
+        for k in keys:
+            torch.testing.assert_close(ours[k].float(), ref[k].float(), rtol=0, atol=atol, msg=k)
+    moved = max((ref[k] - ref["net." + k.removeprefix("ema.module.")]).abs().max().item()
+                for k in ref if k.startswith("ema.module.") and ref[k].is_floating_point())
+    assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"

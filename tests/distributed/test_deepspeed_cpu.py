@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from t2i_testing import REPO, tiny_ldm_overrides
+from t2i_testing import REPO, assert_same_run_end, tiny_ldm_overrides
 
 from t2i.checkpoint_files import checkpoint_problem
 from t2i.cli.config import compose_config
@@ -52,20 +52,7 @@ def plain_run(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
 
 
 def assert_same_training(run: Path, reference: Path) -> None:
-    ours, step = checkpoint_state(run / "checkpoints" / "last.ckpt")
-    ref, ref_step = checkpoint_state(reference / "checkpoints" / "last.ckpt")
-    assert step == ref_step == STEPS
-    assert set(ours) == set(ref)
-    for part in ("net.", "ema."):
-        keys = [k for k in ref if k.startswith(part)]
-        assert keys
-        for k in keys:
-            torch.testing.assert_close(ours[k].float(), ref[k].float(), rtol=0, atol=1e-6, msg=k)
-    moved = max((ref[k] - ref["net." + k.removeprefix("ema.module.")]).abs().max().item()
-                for k in ref if k.startswith("ema.module.") and ref[k].is_floating_point())
-    assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
-    assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"
+    assert_same_run_end(run, reference, STEPS, atol=1e-6)
 
 
 def test_strategy_configs_hold_the_documented_settings(monkeypatch):

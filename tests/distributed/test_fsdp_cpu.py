@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from t2i_testing import REPO, tiny_ldm_overrides
+from t2i_testing import REPO, assert_same_run_end, tiny_ldm_overrides
 
 from t2i.checkpoint_files import checkpoint_problem, is_dcp_checkpoint
 from t2i.cli.export import checkpoint_state
@@ -41,21 +41,8 @@ def ddp_run(small_shapes, tiny_vae_export, tmp_path_factory) -> Path:
     return run
 
 
-def assert_same_training(run: Path, reference: Path, steps: int = STEPS) -> None:
-    ours, step = checkpoint_state(run / "checkpoints" / "last.ckpt")
-    ref, ref_step = checkpoint_state(reference / "checkpoints" / "last.ckpt")
-    assert step == ref_step == steps
-    assert set(ours) == set(ref)
-    for part in ("net.", "ema."):
-        keys = [k for k in ref if k.startswith(part)]
-        assert keys
-        for k in keys:
-            torch.testing.assert_close(ours[k].float(), ref[k].float(), rtol=0, atol=2e-6, msg=k)
-    moved = max((ref[k] - ref["net." + k.removeprefix("ema.module.")]).abs().max().item()
-                for k in ref if k.startswith("ema.module.") and ref[k].is_floating_point())
-    assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
-    assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"
+def assert_same_training(run: Path, reference: Path) -> None:
+    assert_same_run_end(run, reference, STEPS, atol=2e-6)
 
 
 def test_fsdp_training_equals_ddp_and_exports(small_shapes, tiny_vae_export, ddp_run, tmp_path):

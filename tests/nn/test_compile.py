@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from t2i.nn.compile import block_modules, compile_network
-from t2i.nn.unet import UNet
+from t2i.nn.compile import compile_network
+from t2i.nn.unet import UNet, unet_blocks
 
 TINY = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
         "attention_levels": (1, 2), "num_head_channels": 16, "context_dim": 32, "num_groups": 8}
@@ -74,7 +74,7 @@ def test_sd2_size_unet_forward_has_no_graph_break():
 
 def test_blocks_scope_compiles_every_bucket_shape_without_falling_back_to_eager():
     unet = make()
-    blocks = block_modules(unet)
+    blocks = unet_blocks(unet)
     assert len(blocks) == len(unet.input_blocks) + 1 + len(unet.output_blocks)
     buckets = [(8, 8), (8, 16), (16, 8)]
     compile_network(unet, "blocks", shapes=len(buckets), backend="eager")
@@ -90,7 +90,7 @@ def test_blocks_scope_compiles_every_bucket_shape_without_falling_back_to_eager(
     counters.clear()
     torch._dynamo.config.recompile_limit = 8
     plain = make()
-    for block in block_modules(plain):
+    for block in unet_blocks(plain):
         block.compile(backend="eager")
     for height, width in buckets:
         plain(torch.randn(2, 4, height, width), t, context, context_mask=mask).sum().backward()

@@ -93,6 +93,12 @@ def is_deepspeed(strategy) -> bool:
     return "DeepSpeed" in target or "deepspeed" in target
 
 
+def shards_parameters(strategy) -> bool:
+    """DeepSpeed or FSDP: parameters flattened or sharded across ranks."""
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return is_deepspeed(strategy) or "fsdp" in target.lower()
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     last = run_dir / "checkpoints" / "last.ckpt"
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
@@ -145,10 +151,10 @@ def train(cfg: DictConfig) -> TrainResult:
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
     if cfg.get("channels_last", False):  # 4-D weights only; the convolutions then keep activations NHWC
-        if is_deepspeed(cfg.strategy) or "fsdp" in str(cfg.strategy.get("_target_", "")).lower():
+        if shards_parameters(cfg.strategy):
             # ZeRO and FSDP flatten or shard parameters as contiguous tensors and refuse NHWC-strided ones
-            log.warning("channels_last is not applied under %s (it shards parameters as contiguous tensors)",
-                        cfg.strategy.get("_target_"))
+            log.warning("channels_last is not applied under this strategy (ZeRO and FSDP shard parameters as "
+                        "contiguous tensors)")
         else:
             model = model.to(memory_format=torch.channels_last)
     compile_from_config(model, cfg.get("compile"), shapes=len(getattr(datamodule, "buckets", None) or ()) or 1)

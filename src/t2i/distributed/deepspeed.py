@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,12 +23,9 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from t2i.checkpoint_files import (
-    fsync_tree,
     is_zero_checkpoint,
-    looks_complete,
-    previous_path,
-    replace_keeping_previous,
 )
+from t2i.distributed.sharded_checkpoint import remove_folder_checkpoint, save_folder_atomically
 
 log = logging.getLogger("t2i.deepspeed")
 
@@ -124,23 +120,11 @@ class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
         return self.accelerator is not None and self.accelerator.__class__.__name__ == "CPUAccelerator"
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        filepath = Path(self.broadcast(str(filepath)))
-        tmp = filepath.with_name(filepath.name + ".tmp")
-        if self.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier("t2i-zero-save-start")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("t2i-zero-save-written")
-        if self.is_global_zero:
-            fsync_tree(tmp)  # every rank's files, before the folder takes the checkpoint's name
-            # a damaged `filepath` (the run resumed from .prev) must not replace the one intact version in .prev
-            replace_keeping_previous(tmp, filepath, keep_target=looks_complete(filepath))
-        self.barrier("t2i-zero-save-done")
+        save_folder_atomically(self, filepath,
+                               lambda tmp: super(AtomicDeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp, storage_options))
 
     def remove_checkpoint(self, filepath) -> None:
-        if self.is_global_zero:
-            shutil.rmtree(filepath, ignore_errors=True)
-            shutil.rmtree(previous_path(Path(filepath)), ignore_errors=True)
+        remove_folder_checkpoint(self, filepath)
 
 
 def register_external_parameters(model: torch.nn.Module) -> int:

@@ -19,14 +19,14 @@ all-gather traffic) with gradients reduced in fp32.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from t2i.checkpoint_files import DCP_META, fsync_tree, looks_complete, previous_path, replace_keeping_previous
+from t2i.checkpoint_files import DCP_META
+from t2i.distributed.sharded_checkpoint import remove_folder_checkpoint, save_folder_atomically
 
 
 def dcp_client_state(path: str | Path) -> dict:
@@ -135,19 +135,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                     torch._foreach_mul_(group, coefficient)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        filepath = Path(self.broadcast(str(filepath)))
-        tmp = filepath.with_name(filepath.name + ".tmp")
-        if self.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier("t2i-fsdp-save-start")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        self.barrier("t2i-fsdp-save-written")
-        if self.is_global_zero:
-            fsync_tree(tmp)  # every rank's shards, before the folder takes the checkpoint's name
-            replace_keeping_previous(tmp, filepath, keep_target=looks_complete(filepath))
-        self.barrier("t2i-fsdp-save-done")
+        save_folder_atomically(self, filepath,
+                               lambda tmp: super(FSDP2Strategy, self).save_checkpoint(checkpoint, tmp, storage_options))
 
     def remove_checkpoint(self, filepath) -> None:
-        if self.is_global_zero:
-            shutil.rmtree(filepath, ignore_errors=True)
-            shutil.rmtree(previous_path(Path(filepath)), ignore_errors=True)
+        remove_folder_checkpoint(self, filepath)
