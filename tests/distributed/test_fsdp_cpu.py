@@ -107,3 +107,12 @@ def test_fsdp_config(monkeypatch):
     assert isinstance(strategy, FSDP2Strategy) and strategy.param_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="floating dtype"):
         FSDP2Strategy(param_dtype="int8")
+
+
+@pytest.mark.slow
+def test_fsdp_with_compiled_blocks_equals_ddp(small_shapes, tiny_vae_export, ddp_run, tmp_path):
+    """Per-block compile on FSDP2 units (Dynamo traces through the units' gather hooks)."""
+    run = tmp_path / "compiled"
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false", "compile.scope=blocks",
+            "compile.backend=aot_eager")
+    assert_same_training(run, ddp_run)
