@@ -72,6 +72,7 @@ RUN_TARGETS: set[str] = {
     "t2i.callbacks.throughput.Throughput",
     "t2i.cli.loggers.tensorboard_or_csv",
     "t2i.distributed.deepspeed.AtomicDeepSpeedStrategy",
+    "t2i.distributed.fsdp.FSDP2Strategy",
     "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.LearningRateMonitor",
     "lightning.pytorch.callbacks.ModelCheckpoint",
