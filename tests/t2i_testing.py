@@ -216,12 +216,13 @@ class PoisonGradients(L.Callback):
     trainable parameter's gradient after the backward of those global steps (what a bad batch or an fp16
     overflow does), for the non-finite guard to find."""
 
-    def __init__(self, steps: list[int]):
-        self.steps = set(steps)
+    def __init__(self, steps: list[int], rank: int | None = None):
+        self.steps, self.rank = set(steps), rank  # rank: poison on that rank only (its own shard under FSDP)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step in self.steps:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
             grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+            grad = grad.to_local() if hasattr(grad, "to_local") else grad
             grad.view(-1)[0] = float("nan")
 
 

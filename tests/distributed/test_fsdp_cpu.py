@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,21 @@ COMMON = (f"trainer.max_steps={STEPS}", "trainer.precision=32-true", "trainer.va
           "callbacks.checkpoint.every_n_train_steps=2")
 
 
-def run_cli(small_shapes, vae_export, run_dir: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess:
+def run_cli(small_shapes, vae_export, run_dir: Path, *args: str, code: int = 0,
+            timeout: float = 900) -> subprocess.CompletedProcess:
     overrides = tiny_ldm_overrides(small_shapes, vae_export, run_dir, *COMMON, *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "t2i.cli.train", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    # its own session, so that a timeout ends every rank (a hung collective would otherwise outlive the test)
+    with subprocess.Popen([sys.executable, "-m", "t2i.cli.train", *overrides], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, err = child.communicate()
+            pytest.fail(f"the run did not end within {timeout} s (hung ranks?):\n{out[-2000:]}{err[-2000:]}")
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -92,6 +102,22 @@ def test_fsdp_killed_run_resumes_to_the_same_end(small_shapes, tiny_vae_export, 
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
     state, step = checkpoint_state(elastic / "checkpoints" / "last.ckpt")
     assert step == 3 and all(v.isfinite().all() for v in state.values() if v.is_floating_point())
+
+
+def test_fsdp_a_bad_gradient_shard_on_one_rank_skips_the_step_on_every_rank(small_shapes, tiny_vae_export,
+                                                                             tmp_path):
+    """Each rank sees only its gradient shard: a NaN in rank 1's must skip the step on rank 0 too (the check is
+    reduced over ranks). Without that, rank 0 steps and rank 1 skips, and the next collective that only one of
+    them makes hangs both: the short timeout turns that into a failure (the run takes under a minute)."""
+    run = tmp_path / "poisoned"
+    run_cli(small_shapes, tiny_vae_export, run, "strategy=fsdp", "export=false",
+            "+callbacks.poison._target_=t2i_testing.PoisonGradients", "+callbacks.poison.steps=[1]",
+            "+callbacks.poison.rank=1", timeout=180)
+    meta = torch.load(run / "checkpoints" / "last.ckpt" / "meta.pt", map_location="cpu", weights_only=True)
+    assert meta["global_step"] == STEPS and meta["callbacks"]["NonFiniteGuard"]["skipped"] == 1  # rank 0's
+    state, _ = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    assert int(state["ema.num_updates"]) == STEPS - 1
+    assert all(v.isfinite().all() for v in state.values() if v.is_floating_point())
 
 
 def test_fsdp_config(monkeypatch):
