@@ -331,3 +331,23 @@ def assert_same_run_end(run: Path, reference: Path, steps: int, atol: float = 1e
     assert moved > 1e-7, "the EMA equals the raw weights: the test would not see a missing EMA update"
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
     assert not leftovers, f"temporary checkpoint directories left behind: {leftovers}"
+
+
+def assert_export_holds_the_ema(run: Path, reference: Path, tmp_path: Path, atol: float = 1e-6) -> None:
+    """The export written after sharded training holds `reference`'s EMA weights, and `t2i.cli.export` converts
+    the run's checkpoint folder to the same export again, from the run folder alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from t2i.cli.export import checkpoint_state
+    exported = load_file(run / "export" / "model.safetensors")
+    ref, _ = checkpoint_state(reference / "checkpoints" / "last.ckpt")
+    assert exported and all(f"ema.module.{k}" in ref for k in exported)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, ref[f"ema.module.{k}"], rtol=0, atol=atol, msg=k)
+    proc = subprocess.run([sys.executable, "-m", "t2i.cli.export", f"run_dir={run}", f"out={tmp_path / 'again'}"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)

@@ -22,7 +22,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from t2i.checkpoint_files import (
-    DCP_META,
     checkpoint_problem,
     fsync_dir,
     is_dcp_checkpoint,
@@ -30,6 +29,7 @@ from t2i.checkpoint_files import (
     previous_path,
 )
 from t2i.distributed.deepspeed import zero_client_state
+from t2i.distributed.fsdp import dcp_client_state
 
 log = logging.getLogger("t2i.checkpoint")
 
@@ -108,7 +108,7 @@ def read_stage_tag(path: str | Path) -> dict | None:
     Read with ``weights_only=True`` and memory-mapped, so large checkpoints cost little."""
     path = Path(path)
     if is_dcp_checkpoint(path):
-        state = torch.load(path / DCP_META, map_location="cpu", weights_only=True)
+        state = dcp_client_state(path)
     elif path.is_dir():
         state = zero_client_state(path)
     else:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from t2i_testing import REPO, assert_same_run_end, tiny_ldm_overrides
+from t2i_testing import REPO, assert_export_holds_the_ema, assert_same_run_end, tiny_ldm_overrides
 
 from t2i.checkpoint_files import checkpoint_problem
 from t2i.cli.config import compose_config
@@ -99,19 +98,7 @@ def test_zero_training_equals_plain_training(small_shapes, tiny_vae_export, plai
     run_cli(small_shapes, tiny_vae_export, run, *_zero_args(strategy))
     assert (run / "checkpoints" / "last.ckpt" / "latest").is_file(), "not a ZeRO checkpoint directory"
     assert_same_training(run, plain_run)
-    # the export written after sharded training (converted from the ZeRO directory) holds the EMA weights
-    exported = load_file(run / "export" / "model.safetensors")
-    reference, _ = checkpoint_state(plain_run / "checkpoints" / "last.ckpt")
-    assert exported and all(f"ema.module.{k}" in reference for k in exported)
-    for k, v in exported.items():
-        torch.testing.assert_close(v, reference[f"ema.module.{k}"], rtol=0, atol=1e-6, msg=k)
-    # t2i.cli.export converts the same directory again, from the run folder alone
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "t2i.cli.export", f"run_dir={run}", f"out={tmp_path / 'again'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = load_file(tmp_path / "again" / "model.safetensors")
-    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+    assert_export_holds_the_ema(run, plain_run, tmp_path, atol=1e-6)
 
 
 def test_zero3_resume_continues_exactly(small_shapes, tiny_vae_export, plain_run, tmp_path):

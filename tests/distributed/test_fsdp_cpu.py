@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from t2i_testing import REPO, assert_same_run_end, tiny_ldm_overrides
+from t2i_testing import REPO, assert_export_holds_the_ema, assert_same_run_end, tiny_ldm_overrides
 
 from t2i.checkpoint_files import checkpoint_problem, is_dcp_checkpoint
 from t2i.cli.export import checkpoint_state
@@ -63,19 +62,7 @@ def test_fsdp_training_equals_ddp_and_exports(small_shapes, tiny_vae_export, ddp
     assert is_dcp_checkpoint(last) and len(list(last.glob("*.distcp"))) == 2, "not a 2-rank distributed checkpoint"
     assert checkpoint_problem(last) is None
     assert_same_training(run, ddp_run)
-    # the export written after sharded training (converted from the distributed checkpoint) holds the EMA
-    exported = load_file(run / "export" / "model.safetensors")
-    reference, _ = checkpoint_state(ddp_run / "checkpoints" / "last.ckpt")
-    assert exported and all(f"ema.module.{k}" in reference for k in exported)
-    for k, v in exported.items():
-        torch.testing.assert_close(v, reference[f"ema.module.{k}"], rtol=0, atol=2e-6, msg=k)
-    # t2i.cli.export converts the same folder again, from the run folder alone
-    proc = subprocess.run([sys.executable, "-m", "t2i.cli.export", f"run_dir={run}", f"out={tmp_path / 'again'}"],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    again = load_file(tmp_path / "again" / "model.safetensors")
-    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
+    assert_export_holds_the_ema(run, ddp_run, tmp_path, atol=2e-6)
 
 
 def test_fsdp_killed_run_resumes_to_the_same_end(small_shapes, tiny_vae_export, ddp_run, tmp_path):

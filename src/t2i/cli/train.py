@@ -19,6 +19,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +38,7 @@ from t2i.checkpointing import (
 )
 from t2i.cli.batch import apply_global_batch
 from t2i.cli.config import check_moved_keys, config_dir
+from t2i.distributed.fsdp import FSDP2Strategy
 from t2i.exports import write_export
 from t2i.nn.compile import compile_from_config
 
@@ -94,9 +96,9 @@ def is_deepspeed(strategy) -> bool:
 
 
 def shards_parameters(strategy) -> bool:
-    """DeepSpeed or FSDP: parameters flattened or sharded across ranks."""
-    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    return is_deepspeed(strategy) or "fsdp" in target.lower()
+    """DeepSpeed or FSDP (a Trainer's strategy): parameters flattened or sharded across ranks, and checkpoints
+    written as folders by every rank."""
+    return isinstance(strategy, (DeepSpeedStrategy, FSDP2Strategy))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
@@ -123,8 +125,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 
 
 def _export(cfg: DictConfig, trainer: L.Trainer, model, datamodule, metrics: dict, last: Path) -> Path | None:
-    if is_deepspeed(cfg.strategy) or getattr(trainer.strategy, "shards_parameters", False):
-        # ZeRO or FSDP shards: every rank must be done writing; rank 0 converts the directory
+    if shards_parameters(trainer.strategy):  # every rank must be done writing; rank 0 converts the folder
         trainer.strategy.barrier("t2i-export")
         if not trainer.is_global_zero:
             return None
@@ -151,7 +152,7 @@ def train(cfg: DictConfig) -> TrainResult:
     cfg = apply_global_batch(cfg, trainer)  # accumulation for a fixed global batch; LR scaled when asked
     model = instantiate(cfg.model)  # a bad value fails here, before the run folder's config is replaced
     if cfg.get("channels_last", False):  # 4-D weights only; the convolutions then keep activations NHWC
-        if shards_parameters(cfg.strategy):
+        if shards_parameters(trainer.strategy):
             # ZeRO and FSDP flatten or shard parameters as contiguous tensors and refuse NHWC-strided ones
             log.warning("channels_last is not applied under this strategy (ZeRO and FSDP shard parameters as "
                         "contiguous tensors)")

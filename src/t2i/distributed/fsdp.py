@@ -51,7 +51,8 @@ def dcp_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """``fully_shard`` per unit the stage names (``fsdp_units()``), on a 1-D mesh of all ranks."""
+    """``fully_shard`` of the units, roots and whole modules the stage hands to ``shard`` (its
+    ``configure_model``), on a 1-D mesh of all ranks."""
 
     shards_parameters = True  # a forward of a sharded module is a collective: every rank must run it
 
