@@ -28,6 +28,26 @@ def test_min_snr_weights_closed_form():
         loss_weights("p2", s)
 
 
+def test_truncated_min_snr_weights_closed_form():
+    s = torch.tensor([0.0047, 0.2, 1.0, 3.0, 5.0, 20.0, 1e4], dtype=torch.float64)
+    g = 5.0
+    w = s.clamp(min=1.0, max=g)  # x0-space clamp(SNR, 1, γ)
+    assert torch.allclose(loss_weights("truncated_min_snr", s, g, "x0"), w)
+    assert torch.allclose(loss_weights("truncated_min_snr", s, g, "eps"), w / s)
+    assert torch.allclose(loss_weights("truncated_min_snr", s, g, "v"), w / (s + 1))
+    # the same as Min-SNR-γ from SNR 1 up; below it the noisiest timesteps keep an x0 weight of 1 instead of SNR
+    high = s >= 1
+    for prediction in ("eps", "x0", "v"):
+        assert torch.allclose(loss_weights("truncated_min_snr", s[high], g, prediction),
+                              loss_weights("min_snr", s[high], g, prediction))
+    v_noisiest = loss_weights("truncated_min_snr", s[:1], g, "v").item()
+    assert v_noisiest == pytest.approx(1 / 1.0047) and loss_weights("min_snr", s[:1], g, "v").item() < 0.005
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert loss_weights("truncated_min_snr", zero, g, "v").item() == 1.0
+    with pytest.raises(ValueError, match="infinite weight"):
+        loss_weights("truncated_min_snr", zero, g, "eps")
+
+
 def test_sample_timesteps_reproducible_and_in_range():
     t1 = sample_timesteps(10_000, 1000, torch.Generator().manual_seed(0))
     t2 = sample_timesteps(10_000, 1000, torch.Generator().manual_seed(0))

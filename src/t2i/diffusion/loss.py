@@ -1,4 +1,4 @@
-"""The denoising training loss: timestep/noise sampling, Min-SNR-γ weighting, offset noise."""
+"""The denoising training loss: timestep/noise sampling, Min-SNR-γ weightings, offset noise."""
 
 from __future__ import annotations
 
@@ -10,27 +10,41 @@ from t2i.diffusion.parameterization import PREDICTIONS, q_sample, training_targe
 from t2i.diffusion.schedule import extract, snr
 from t2i.diffusion.seeded_random import randint, randn
 
+WEIGHTINGS = ("uniform", "min_snr", "truncated_min_snr")
+
 
 def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction: str = "eps") -> torch.Tensor:
     """Per-sample loss weights for an MSE on ``prediction``'s target.
 
-    - "uniform": all ones (the "simple" loss of Ho et al. 2020, eq. 14).
-    - "min_snr": Min-SNR-γ (Hang et al. 2023, eq. 9 and §3.4): the x0-space weight min(SNR, γ), rewritten for
-      each target: ε → min(SNR, γ)/SNR, x0 → min(SNR, γ), v → min(SNR, γ)/(SNR + 1).
-      The ε weight is evaluated as min(1, γ/SNR), which is 1 (not NaN) at SNR = 0.
+    Each kind is an x0-space weight w(SNR) (the weight on ‖x0 - x̂0‖²), rewritten for the target actually
+    regressed: ε → w/SNR, x0 → w, v → w/(SNR + 1).
+
+    - "uniform": all ones on the prediction's own target (the "simple" loss of Ho et al. 2020, eq. 14); in x0 space
+      SNR for ε and SNR + 1 for v.
+    - "min_snr": Min-SNR-γ (Hang et al. 2023, eq. 9 and §3.4), w = min(SNR, γ). The ε weight is evaluated as
+      min(1, γ/SNR), which is 1 (not NaN) at SNR = 0.
+    - "truncated_min_snr": w = clamp(SNR, 1, γ): Min-SNR-γ's cap on the nearly clean timesteps, and Salimans & Ho's
+      truncated-SNR floor max(SNR, 1) (2022, §4) on the noisiest. Min-SNR alone weighs a timestep with SNR < 1 by
+      its SNR (0.005 at t = T on the linear schedule), and that is where the layout, which no part of a very noisy
+      image shows, has to be read from the text (docs/imagen.md). With ε at SNR = 0 its weight is infinite: refused.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {kind!r}")
     if kind == "uniform":
         return torch.ones_like(snr_t)
-    if kind != "min_snr":
-        raise ValueError(f"weighting must be 'uniform' or 'min_snr', got {kind!r}")
-    clipped = snr_t.clamp(max=gamma)
-    if prediction == "eps":
+    if kind == "min_snr" and prediction == "eps":
         return (gamma / snr_t).clamp(max=1.0)
+    w = snr_t.clamp(max=gamma) if kind == "min_snr" else snr_t.clamp(min=1.0, max=gamma)
+    if prediction == "eps":
+        if bool((snr_t == 0).any()):
+            raise ValueError("truncated_min_snr with eps-prediction has an infinite weight at SNR = 0 (a zero "
+                             "terminal SNR schedule): use v-prediction")
+        return w / snr_t
     if prediction == "x0":
-        return clipped
-    return clipped / (snr_t + 1)
+        return w
+    return w / (snr_t + 1)
 
 
 def sample_timesteps(batch: int, T: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

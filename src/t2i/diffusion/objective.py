@@ -8,14 +8,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from t2i.diffusion.loss import diffusion_loss
+from t2i.diffusion.loss import WEIGHTINGS, diffusion_loss, loss_weights
 from t2i.diffusion.parameterization import PREDICTIONS
-from t2i.diffusion.schedule import make_schedule
+from t2i.diffusion.schedule import make_schedule, snr
 
 
 class DiffusionObjective(nn.Module):
     """The schedule ᾱ_t (``schedule``: `make_schedule`'s arguments), the network's ``prediction`` (eps, x0 or v),
-    the per-timestep loss weighting (uniform, or Min-SNR-γ with ``min_snr_gamma``) and offset noise.
+    the per-timestep loss weighting (uniform, or Min-SNR-γ with ``min_snr_gamma``, optionally truncated below
+    SNR 1) and offset noise.
 
     A module only so that ᾱ follows the stage to its device; it holds no state a checkpoint needs (ᾱ is rebuilt
     from the config). `loss` is a plain method, not ``forward``: a module call would put the whole loss, not
@@ -26,10 +27,11 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"model.objective.prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if loss_weighting not in ("uniform", "min_snr"):
-            raise ValueError(f"model.objective.loss_weighting must be uniform or min_snr, got {loss_weighting!r}")
+        if loss_weighting not in WEIGHTINGS:
+            raise ValueError(f"model.objective.loss_weighting must be one of {WEIGHTINGS}, got {loss_weighting!r}")
         self.schedule = dict(schedule or {})
         self.register_buffer("alphas_cumprod", make_schedule(**self.schedule), persistent=False)
+        loss_weights(loss_weighting, snr(self.alphas_cumprod), min_snr_gamma, prediction)  # refuses an infinite weight now
         self.prediction, self.loss_weighting = prediction, loss_weighting
         self.min_snr_gamma, self.offset_noise = min_snr_gamma, offset_noise
 
