@@ -50,6 +50,18 @@ def dcp_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return model
 
 
+def optimizer_param_groups(params: list[nn.Parameter]) -> list[nn.Parameter] | list[dict]:
+    """``params`` as the optimizer's argument: one group, or, when FSDP shards some of them (DTensors) and leaves
+    others whole, one group of each. Fused and foreach AdamW run one kernel per group and refuse a group that mixes
+    the two kinds; with a single group a checkpoint's optimizer state keeps the layout it has always had."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded or len(sharded) == len(params):
+        return params
+    return [{"params": sharded}, {"params": [p for p in params if not isinstance(p, DTensor)]}]
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """``fully_shard`` of the units, roots and whole modules the stage hands to ``shard`` (its
     ``configure_model``), on a 1-D mesh of all ranks."""

@@ -36,6 +36,7 @@ from t2i.callbacks.nonfinite import SkippedStepsAware, optimizer_step_skipped
 from t2i.conditioning.cond import Cond
 from t2i.conditioning.dropout import CondDropout
 from t2i.diffusion.objective import DiffusionObjective
+from t2i.distributed.fsdp import optimizer_param_groups
 from t2i.images import log_grid
 from t2i.interop.unet_init import load_unet_weights
 from t2i.nn.ema import EMA
@@ -129,7 +130,7 @@ class DiffusionStage(SkippedStepsAware, L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
+        opt = self.optimizer_factory(optimizer_param_groups([p for p in self.net.parameters() if p.requires_grad]))
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
