@@ -26,7 +26,7 @@ OLD_STAGES = {  # old _target_ -> (target, conditioner, preview) of today's layo
     "t2i.stages.decoder.DecoderStage": ("Pixels", "ClipImage", "DecoderGrid"),
     "t2i.stages.upsampler.UpsamplerStage": ("Pixels", "LowRes", "UpsamplerGrid"),
 }
-OBJECTIVE_KEYS = ("schedule", "prediction", "loss_weighting", "min_snr_gamma", "offset_noise")
+OBJECTIVE_KEYS = ("schedule", "prediction", "loss_weighting", "min_snr_gamma", "offset_noise", "min_snr_floor")
 
 
 def is_old_layout(model: dict) -> bool:

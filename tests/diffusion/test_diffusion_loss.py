@@ -46,6 +46,24 @@ def test_truncated_min_snr_weights_closed_form():
     assert loss_weights("truncated_min_snr", zero, g, "v").item() == 1.0
     with pytest.raises(ValueError, match="infinite weight"):
         loss_weights("truncated_min_snr", zero, g, "eps")
+    # another floor: clamp(SNR, floor, γ)
+    assert torch.allclose(loss_weights("truncated_min_snr", s, g, "v", floor=0.2), s.clamp(0.2, g) / (s + 1))
+    assert loss_weights("truncated_min_snr", zero, g, "v", floor=0.2).item() == pytest.approx(0.2)
+    for bad in (0.0, -1.0, 6.0):
+        with pytest.raises(ValueError, match="floor must be in"):
+            loss_weights("truncated_min_snr", s, g, "v", floor=bad)
+
+
+def test_diffusion_loss_passes_the_floor_on():
+    x0 = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = lambda x, t: 0.5 * x
+    _, d1 = diffusion_loss(model, x0, AC, "v", "truncated_min_snr", 5.0, snr_floor=1.0,
+                           generator=torch.Generator().manual_seed(0))
+    _, d2 = diffusion_loss(model, x0, AC, "v", "truncated_min_snr", 5.0, snr_floor=0.2,
+                           generator=torch.Generator().manual_seed(0))
+    s = snr(AC)[d1["t"]].float()
+    assert torch.allclose(d1["weights"], s.clamp(1.0, 5.0) / (s + 1))
+    assert torch.allclose(d2["weights"], s.clamp(0.2, 5.0) / (s + 1))
 
 
 def test_sample_timesteps_reproducible_and_in_range():

@@ -25,7 +25,9 @@ def test_objective_loss_is_the_diffusion_loss_of_its_settings():
 @pytest.mark.parametrize(("kwargs", "match"), [({"prediction": "score"}, "prediction must be one of"),
                                                ({"loss_weighting": "p2"}, "loss_weighting must be one of"),
                                                ({"schedule": {"kind": "linear", "zero_terminal_snr": True},
-                                                 "loss_weighting": "truncated_min_snr"}, "infinite weight")])
+                                                 "loss_weighting": "truncated_min_snr"}, "infinite weight"),
+                                               ({"prediction": "v", "loss_weighting": "truncated_min_snr",
+                                                 "min_snr_floor": 0.0}, "floor must be in")])
 def test_objective_refuses_unknown_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionObjective(**kwargs)

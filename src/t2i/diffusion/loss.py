@@ -13,7 +13,8 @@ from t2i.diffusion.seeded_random import randint, randn
 WEIGHTINGS = ("uniform", "min_snr", "truncated_min_snr")
 
 
-def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction: str = "eps") -> torch.Tensor:
+def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction: str = "eps",
+                 floor: float = 1.0) -> torch.Tensor:
     """Per-sample loss weights for an MSE on ``prediction``'s target.
 
     Each kind is an x0-space weight w(SNR) (the weight on ‖x0 - x̂0‖²), rewritten for the target actually
@@ -23,9 +24,9 @@ def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction:
       SNR for ε and SNR + 1 for v.
     - "min_snr": Min-SNR-γ (Hang et al. 2023, eq. 9 and §3.4), w = min(SNR, γ). The ε weight is evaluated as
       min(1, γ/SNR), which is 1 (not NaN) at SNR = 0.
-    - "truncated_min_snr": w = clamp(SNR, 1, γ): Min-SNR-γ's cap on the nearly clean timesteps, and Salimans & Ho's
-      truncated-SNR floor max(SNR, 1) (2022, §4) on the noisiest. Min-SNR alone weighs a timestep with SNR < 1 by
-      its SNR (0.005 at t = T on the linear schedule), and that is where the layout, which no part of a very noisy
+    - "truncated_min_snr": w = clamp(SNR, floor, γ): Min-SNR-γ's cap on the nearly clean timesteps, and a floor
+      on the noisiest (floor 1 is Salimans & Ho's truncated SNR, max(SNR, 1), 2022 §4). Min-SNR alone weighs a
+      timestep with SNR < 1 by its SNR (0.005 at t = T on the linear schedule), and that is where the layout, which no part of a very noisy
       image shows, has to be read from the text (docs/imagen.md). With ε at SNR = 0 its weight is infinite: refused.
     """
     if prediction not in PREDICTIONS:
@@ -36,7 +37,9 @@ def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction:
         return torch.ones_like(snr_t)
     if kind == "min_snr" and prediction == "eps":
         return (gamma / snr_t).clamp(max=1.0)
-    w = snr_t.clamp(max=gamma) if kind == "min_snr" else snr_t.clamp(min=1.0, max=gamma)
+    if kind == "truncated_min_snr" and not 0 < floor <= gamma:
+        raise ValueError(f"the truncated Min-SNR floor must be in (0, gamma={gamma}], got {floor}")
+    w = snr_t.clamp(max=gamma) if kind == "min_snr" else snr_t.clamp(min=floor, max=gamma)
     if prediction == "eps":
         if bool((snr_t == 0).any()):
             raise ValueError("truncated_min_snr with eps-prediction has an infinite weight at SNR = 0 (a zero "
@@ -68,7 +71,7 @@ def offset_noise(shape, strength: float, generator: torch.Generator | None = Non
 
 def diffusion_loss(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction: str = "eps", weighting: str = "uniform",
-                   gamma: float = 5.0, offset_noise_strength: float = 0.0,
+                   gamma: float = 5.0, offset_noise_strength: float = 0.0, snr_floor: float = 1.0,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One Monte-Carlo estimate of the weighted denoising loss (Ho et al. 2020, Algorithm 1 / eq. 14).
 
@@ -83,7 +86,7 @@ def diffusion_loss(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     out = model_fn(x_t, t)
     target = training_target(prediction, x0, noise, t, alphas_cumprod)
     mse = (out.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    w = loss_weights(weighting, extract(snr(alphas_cumprod), t, 1), gamma, prediction)
+    w = loss_weights(weighting, extract(snr(alphas_cumprod), t, 1), gamma, prediction, snr_floor)
     w = w.to(device=mse.device, dtype=mse.dtype)
     loss = (w * mse).mean()
     diag = {"t": t, "mse": mse.detach(), "weights": w, "loss_unweighted": mse.detach().mean()}
