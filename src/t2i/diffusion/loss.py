@@ -26,8 +26,9 @@ def loss_weights(kind: str, snr_t: torch.Tensor, gamma: float = 5.0, prediction:
       min(1, γ/SNR), which is 1 (not NaN) at SNR = 0.
     - "truncated_min_snr": w = clamp(SNR, floor, γ): Min-SNR-γ's cap on the nearly clean timesteps, and a floor
       on the noisiest (floor 1 is Salimans & Ho's truncated SNR, max(SNR, 1), 2022 §4). Min-SNR alone weighs a
-      timestep with SNR < 1 by its SNR (0.005 at t = T on the linear schedule), and that is where the layout, which no part of a very noisy
-      image shows, has to be read from the text (docs/imagen.md). With ε at SNR = 0 its weight is infinite: refused.
+      timestep with SNR < 1 by its SNR (0.005 at t = T on the linear schedule), and that is where the layout,
+      which no part of a very noisy image shows, has to be read from the text (docs/imagen.md). With ε at SNR = 0
+      its weight is infinite: refused.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
